@@ -5,7 +5,9 @@ Every function takes arrays of either library and computes with the library the 
 NumPy reference runs. Scalars are Python floats: they never promote float32 to float64.
 """
 
+import codecs
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -13,6 +15,8 @@ import numpy as np
 from utils import UserError, check_positive_int, encode_prompt, load_encoder_hparams_and_params, log, run_cli
 
 BACKENDS = ("jax", "numpy")
+DTYPES = {"jax": ("float32", "bfloat16"), "numpy": ("float32",)}  # NumPy has no fast bfloat16 matmul
+SEPARATOR = "-" * 40  # between the texts of several prompts
 
 
 def xp_of(x):
@@ -43,84 +47,283 @@ def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
     return linear(gelu(linear(x, **c_fc)), **c_proj)  # [n_seq, 4*n_embd] in between
 
 
-def attention(q, k, v, mask):  # [n_head, n_q, d], [n_head, n_k, d] x2, [n_q, n_k] -> [n_head, n_q, d]
+def dropout(x, rate, key):
+    """Inverted dropout during training (a JAX key and rate > 0); the identity otherwise."""
+    if key is None or rate == 0.0:
+        return x
+    import jax
+
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return xp_of(x).where(keep, x / (1.0 - rate), 0.0)
+
+
+def split_key(key, n):
+    if key is None:
+        return [None] * n
+    import jax
+
+    return list(jax.random.split(key, n))
+
+
+def write_at(buffer, values, start):  # [n_head, n_max, d] <- [n_head, n_new, d] at positions start...
+    """The cache update: in place for NumPy, `dynamic_update_slice` for JAX (in place when donated)."""
+    if isinstance(buffer, np.ndarray):
+        buffer[:, start : start + values.shape[1]] = values
+        return buffer
+    from jax import lax
+
+    return lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), start, axis=1)
+
+
+def attention(q, k, v, mask, rate=0.0, key=None):  # [n_head, n_q, d], [n_head, n_k, d] x2, [n_q, n_k] -> [n_head, n_q, d]
     scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])  # [n_head, n_q, n_k]
-    return softmax(xp_of(q).where(mask, scores, -1e10)) @ v
+    return dropout(softmax(xp_of(q).where(mask, scores, -1e10)), rate, key) @ v
 
 
-def mha(x, c_attn, c_proj, n_head):  # [n_seq, n_embd] -> [n_seq, n_embd]
-    n_seq, n_embd = x.shape
-    qkv = linear(x, **c_attn)  # [n_seq, 3*n_embd]
-    q, k, v = qkv.reshape(n_seq, 3, n_head, n_embd // n_head).transpose(1, 2, 0, 3)  # 3 x [n_head, n_seq, d]
-    causal = xp_of(x).tri(n_seq, dtype=bool)  # [n_seq, n_seq]
-    heads = attention(q, k, v, causal)  # [n_head, n_seq, d]
-    return linear(heads.transpose(1, 0, 2).reshape(n_seq, n_embd), **c_proj)
+def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new, n_embd] -> same
+    """Self-attention of n_new tokens in slots start.. ; with a cache, k and v are written into its
+    fixed-size buffers and each query attends to the slots from `pad` (left padding) up to its own."""
+    n_new, n_embd = x.shape
+    xp = xp_of(x)
+    qkv = linear(x, **c_attn)  # [n_new, 3*n_embd]
+    q, k, v = qkv.reshape(n_new, 3, n_head, n_embd // n_head).transpose(1, 2, 0, 3)  # 3 x [n_head, n_new, d]
+    if kv_cache is not None:
+        k, v = kv_cache = (write_at(kv_cache[0], k, start), write_at(kv_cache[1], v, start))  # [n_head, n_max, d]
+    slot = xp.arange(k.shape[1])[None, :]  # [1, n_k]
+    causal = (slot >= pad) & (slot <= start + xp.arange(n_new)[:, None])  # [n_new, n_k]
+    heads = attention(q, k, v, causal, rate, key)  # [n_head, n_new, d]
+    return linear(heads.transpose(1, 0, 2).reshape(n_new, n_embd), **c_proj), kv_cache
 
 
-def transformer_block(x, mlp, attn, ln_1, ln_2, n_head):  # [n_seq, n_embd] -> [n_seq, n_embd]
-    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head)
-    return x + ffn(layer_norm(x, **ln_2), **mlp)
+def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):
+    """[n_new, n_embd] -> [n_new, n_embd], and the block's updated cache."""
+    attn_key, resid_1, resid_2 = split_key(key, 3)
+    x_1 = layer_norm(x, **ln_1)  # [n_new, n_embd]
+    a, kv_cache = mha(x_1, **attn, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=attn_key)
+    x = x + dropout(a, rate, resid_1)
+    return x + dropout(ffn(layer_norm(x, **ln_2), **mlp), rate, resid_2), kv_cache
 
 
-def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):  # [n_seq] -> [n_seq, n_vocab]
-    x = wte[inputs] + wpe[: inputs.shape[0]]  # [n_seq, n_embd]
-    for block in blocks:
-        x = transformer_block(x, **block, n_head=n_head)
-    return layer_norm(x, **ln_f) @ wte.T  # [n_seq, n_embd] -> [n_seq, n_vocab]
+def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new] -> [n_new, n_vocab]
+    """Logits for the tokens in slots start..start+n_new-1, at positions slot - pad (`pad` slots of
+    left padding let a batch share its slots). With `cache` (a (k, v) pair of [n_head, n_max, d]
+    buffers per block) it returns (logits, updated cache). `rate` and a JAX `key` turn on dropout."""
+    xp = xp_of(wte)
+    embd_key, *block_keys = split_key(key, len(blocks) + 1)
+    positions = xp.maximum(start - pad + xp.arange(inputs.shape[0]), 0)  # [n_new], padding at 0
+    x = dropout(wte[inputs] + wpe[positions], rate, embd_key)  # [n_new, n_embd]
+    new_cache = []
+    for block, kv_cache, block_key in zip(blocks, cache or [None] * len(blocks), block_keys):
+        x, kv_cache = transformer_block(x, **block, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=block_key)
+        new_cache.append(kv_cache)
+    logits = (wte @ layer_norm(x, **ln_f).T).T  # [n_vocab, n_embd] @ [n_embd, n_new]: no copy of wte.T
+    return logits if cache is None else (logits, new_cache)
 
 
-def last_logits(inputs, n, params, n_head):  # [n_total], n <= n_total -> [n_vocab]
-    """Logits after the first `n` tokens; the causal mask makes later (padding) tokens irrelevant."""
-    return gpt2(inputs, **params, n_head=n_head)[n - 1]
+def empty_cache(params, n_head, n_max):
+    """Zeroed (k, v) buffers for n_max positions in every block, in the params' array library."""
+    xp = xp_of(params["wte"])
+    d = params["wte"].shape[1] // n_head
+    return [tuple(xp.zeros((n_head, n_max, d), params["wte"].dtype) for _ in "kv") for _ in params["blocks"]]
+
+
+def prefill(params, inputs, pad, n_head, n_max):  # [n_slots] -> [n_vocab], cache
+    """Run the prompt, left-padded with `pad` slots, into a fresh cache of n_max slots; return the
+    logits after its last token."""
+    logits, cache = gpt2(inputs, **params, n_head=n_head, cache=empty_cache(params, n_head, n_max), pad=pad)
+    return logits[-1], cache
+
+
+def decode(params, token, cache, slot, pad, n_head):  # [1] -> [n_vocab], cache
+    logits, cache = gpt2(token, **params, n_head=n_head, cache=cache, start=slot, pad=pad)
+    return logits[0], cache
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):  # [..., n_vocab] -> [..., n_vocab]
+    """-inf outside the top_k most likely tokens (0: all) and outside the smallest set of most likely
+    tokens whose probability reaches top_p (1.0: all)."""
+    xp = xp_of(logits)
+    if top_k > 0:
+        kth_largest = xp.sort(logits, axis=-1)[..., -top_k, None]  # [..., 1]
+        logits = xp.where(logits < kth_largest, -math.inf, logits)
+    if top_p < 1.0:
+        descending = -xp.sort(-logits, axis=-1)  # [..., n_vocab]
+        probs = softmax(descending)  # [..., n_vocab]
+        mass_before = xp.cumsum(probs, axis=-1) - probs  # [..., n_vocab] of the strictly likelier tokens
+        n_keep = (mass_before < top_p).sum(axis=-1, keepdims=True)  # [..., 1], at least 1
+        threshold = xp.take_along_axis(descending, n_keep - 1, axis=-1)  # [..., 1]
+        logits = xp.where(logits < threshold, -math.inf, logits)
+    return logits
+
+
+def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, gumbel=None):  # [..., n_vocab] -> [...]
+    """Greedy at temperature 0; otherwise a sample of softmax(filtered logits / temperature), drawn
+    as argmax(logits / temperature + Gumbel noise), so the backends differ only in their noise."""
+    if temperature == 0.0:
+        return logits.argmax(axis=-1)
+    return (filter_logits(logits, top_k, top_p) / temperature + gumbel).argmax(axis=-1)
 
 
 @functools.cache
-def jitted_last_logits():
+def jax_programs(n_head, n_max, temperature, top_k, top_p):
+    """The jitted batch prefill and decode step for one shape and sampling setting, made once."""
     import jax
 
-    return jax.jit(last_logits, static_argnames="n_head")
+    def prefill_batch(params, inputs, pad):  # [batch, n_slots], [batch] -> [batch, n_vocab], cache
+        return jax.vmap(prefill, in_axes=(None, 0, 0, None, None))(params, inputs, pad, n_head, n_max)
+
+    def step(params, logits, cache, slot, pad, key):  # [batch, n_vocab], cache, slot, [batch], key
+        """Pick every sequence's next token from its logits and run it into `slot`, shared by the
+        batch (a per-sequence slot would turn the cache update into a slow scatter)."""
+        key, noise_key = jax.random.split(key)
+        gumbel = jax.random.gumbel(noise_key, logits.shape) if temperature else None
+        tokens = next_token(logits, temperature, top_k, top_p, gumbel)  # [batch]
+        decode_batch = jax.vmap(decode, in_axes=(None, 0, 0, None, 0, None))
+        logits, cache = decode_batch(params, tokens[:, None], cache, slot, pad, n_head)
+        return tokens, logits, cache, key
+
+    return jax.jit(prefill_batch), jax.jit(step, donate_argnums=(1, 2))
 
 
-def to_backend(params, backend):
+def stream_jax(prompts, params, n_head, n_new, temperature, top_k, top_p, seed):
+    import jax
+
+    n_slots = max(map(len, prompts))
+    pad = np.array([n_slots - len(p) for p in prompts], np.int32)  # [batch]
+    inputs = np.array([[0] * n + p for n, p in zip(pad, prompts)], np.int32)  # [batch, n_slots], left-padded
+    prefill_batch, step = jax_programs(n_head, n_slots + n_new, temperature, top_k, top_p)
+    logits, cache = prefill_batch(params, inputs, pad)
+    key = jax.random.key(seed)
+    for t in range(n_new):
+        tokens, logits, cache, key = step(params, logits, cache, n_slots + t, pad, key)
+        yield np.asarray(tokens)
+
+
+def stream_numpy(prompts, params, n_head, n_new, temperature, top_k, top_p, seed):
+    rng = np.random.default_rng(seed)
+    runs = [prefill(params, np.array(p), 0, n_head, len(p) + n_new) for p in prompts]  # (logits, cache)
+    for t in range(n_new):
+        logits = np.stack([run_logits for run_logits, _ in runs])  # [batch, n_vocab]
+        gumbel = rng.gumbel(size=logits.shape).astype(np.float32) if temperature else None
+        tokens = next_token(logits, temperature, top_k, top_p, gumbel)  # [batch]
+        yield tokens
+        if t + 1 < n_new:
+            runs = [decode(params, tokens[i : i + 1], cache, len(p) + t, 0, n_head) for i, (p, (_, cache)) in enumerate(zip(prompts, runs))]
+
+
+def stream(prompts, params, n_head, n_new, backend="jax", temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """Yield every prompt's next token, one [batch] array per step, with a KV cache: one prefill of
+    the (ragged) prompts, then one token per step. `params` must already be on the backend."""
+    run = stream_jax if backend == "jax" else stream_numpy
+    yield from run([list(p) for p in prompts], params, n_head, n_new, float(temperature), int(top_k), float(top_p), seed)
+
+
+def generate_batch(prompts, params, n_head, n_tokens_to_generate, backend="jax", eot=None, **sampling):
+    """The new ids of every prompt; with `eot`, each stops before its first `eot`."""
+    outputs, done = [[] for _ in prompts], np.zeros(len(prompts), bool)
+    for tokens in stream(prompts, to_backend(params, backend), n_head, n_tokens_to_generate, backend, **sampling):
+        done |= (tokens == eot) if eot is not None else False
+        for output, token, finished in zip(outputs, tokens, done):
+            if not finished:
+                output.append(int(token))
+        if done.all():
+            break
+    return outputs
+
+
+def generate(inputs, params, n_head, n_tokens_to_generate, backend="jax", eot=None, **sampling):
+    return generate_batch([inputs], params, n_head, n_tokens_to_generate, backend, eot, **sampling)[0]
+
+
+def to_backend(params, backend, dtype="float32"):
     if backend == "numpy":
         return params
     import jax
+    import jax.numpy as jnp
 
-    return jax.device_put(params)
-
-
-def generate(inputs, params, n_head, n_tokens_to_generate, backend="jax"):
-    """Greedy decoding by full recompute. JAX runs one fixed length (prompt + new tokens), so it
-    compiles once; NumPy runs the exact length."""
-    from tqdm import tqdm
-
-    ids = np.zeros(len(inputs) + n_tokens_to_generate, np.int32)  # [n_total]
-    ids[: len(inputs)] = inputs
-    forward = jitted_last_logits() if backend == "jax" else last_logits
-    params = to_backend(params, backend)
-    for n in tqdm(range(len(inputs), len(ids)), desc="generating", unit="tok", leave=False):
-        tokens = ids if backend == "jax" else ids[:n]
-        ids[n] = int(forward(tokens, n, params, n_head=n_head).argmax())
-    return ids[len(inputs) :].tolist()
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 
-def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models", backend="jax"):
-    """Continue PROMPT with GPT-2 (greedy) and print the new text.
+def read_prompts_file(path):
+    """One prompt per line; blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"--prompts_file {path!r} does not exist: give a text file with one prompt per line")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts_file {path!r} is not UTF-8 text (byte {e.start}): re-save it as UTF-8")
+
+
+def print_stream(encoder, token_stream):
+    """Print each token's text as it comes, one flush per token; a character whose bytes span
+    several tokens is printed once they are all there."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_stream:
+        print(utf8.decode(encoder.decode_bytes([token])), end="", flush=True)
+    print(utf8.decode(b"", final=True), flush=True)
+
+
+def check_sampling(temperature, top_k, top_p, seed):
+    if type(temperature) not in (int, float) or temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if type(top_k) is not int or top_k < 0:
+        raise UserError(f"--top_k must be an integer >= 0 (0 keeps all tokens), got {top_k!r}")
+    if type(top_p) not in (int, float) or not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be a number in (0, 1] (1 keeps all tokens), got {top_p!r}")
+    if type(seed) is not int:
+        raise UserError(f"--seed must be an integer, got {seed!r}")
+
+
+def main(
+    *prompts,
+    n_tokens_to_generate=40,
+    model_size="124M",
+    models_dir="models",
+    backend="jax",
+    prompts_file=None,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    stop_at_eot=True,
+    dtype="float32",
+):
+    """Continue each PROMPT with GPT-2 and print the new text (streamed for a single prompt).
 
     Args:
-      prompt: the text to continue; "" starts from <|endoftext|>.
-      n_tokens_to_generate: how many tokens to add.
+      prompts: texts to continue, generated together as one batch; "" (or none) starts from <|endoftext|>.
+      n_tokens_to_generate: how many tokens to add to each prompt.
       model_size: 124M, 355M, 774M, 1558M (downloaded to models_dir once), or a checkpoint folder.
       models_dir: where released models are kept.
-      backend: jax (jitted) or numpy.
+      backend: jax (jitted, KV cache on device) or numpy.
+      prompts_file: a UTF-8 text file with one more prompt per line.
+      temperature: 0 is greedy; above 0 samples from softmax(logits / temperature).
+      top_k: sample only from the k most likely tokens (0: all).
+      top_p: sample only from the most likely tokens whose probability adds up to top_p (1: all).
+      seed: the random seed of sampling; the same seed gives the same text.
+      stop_at_eot: stop a sequence at <|endoftext|> (--nostop_at_eot to go on).
+      dtype: float32, or bfloat16 (weights and compute; jax backend).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend!r}: use {' or '.join(BACKENDS)}")
+    if dtype not in DTYPES[backend]:
+        raise UserError(f"--dtype {dtype!r} is not available with --backend {backend}: use {' or '.join(DTYPES[backend])}")
     check_positive_int(n_tokens_to_generate, "n_tokens_to_generate")
+    check_sampling(temperature, top_k, top_p, seed)
+    prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])] or [""]
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
-    inputs = encode_prompt(encoder, hparams, prompt, n_tokens_to_generate)
-    log(f"{len(inputs)} prompt tokens, generating {n_tokens_to_generate} with {backend}")
-    print(encoder.decode(generate(inputs, params, hparams["n_head"], n_tokens_to_generate, backend)), flush=True)
+    inputs = [encode_prompt(encoder, hparams, prompt, n_tokens_to_generate) for prompt in prompts]
+    log(f"{len(inputs)} prompt(s), up to {max(map(len, inputs))} tokens; generating {n_tokens_to_generate} with {backend}")
+    params = to_backend(params, backend, dtype)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    eot = encoder.eot_token if stop_at_eot else None
+    if len(inputs) == 1:
+        tokens = (int(t[0]) for t in stream(inputs, params, hparams["n_head"], n_tokens_to_generate, backend, **sampling))
+        print_stream(encoder, itertools.takewhile(lambda t: t != eot, tokens))
+        return
+    outputs = generate_batch(inputs, params, hparams["n_head"], n_tokens_to_generate, backend, eot, **sampling)
+    print(f"\n{SEPARATOR}\n".join(encoder.decode(ids) for ids in outputs), flush=True)
 
 
 def cli(argv=None):

@@ -88,11 +88,3 @@ def test_pico_equals_gpt2(loaded, prompt_ids):
         gpt2.gpt2(np.array(prompt_ids), **params, n_head=hparams["n_head"]),
         atol=1e-5,
     )
-
-
-def test_jax_backend_compiles_once_per_generation(loaded, prompt_ids):
-    _, hparams, params = loaded
-    forward = gpt2.jitted_last_logits()
-    before = forward._cache_size()
-    gpt2.generate(prompt_ids, params, hparams["n_head"], 6, "jax")
-    assert forward._cache_size() - before <= 1
