@@ -9,6 +9,7 @@ import codecs
 import functools
 import itertools
 import math
+import os
 
 import numpy as np
 
@@ -65,19 +66,38 @@ def split_key(key, n):
     return list(jax.random.split(key, n))
 
 
-def write_at(buffer, values, start):  # [n_head, n_max, d] <- [n_head, n_new, d] at positions start...
+def write_at(buffer, values, start, axis):  # buffer <- values at start.. along axis
     """The cache update: in place for NumPy, `dynamic_update_slice` for JAX (in place when donated)."""
     if isinstance(buffer, np.ndarray):
-        buffer[:, start : start + values.shape[1]] = values
+        buffer[(slice(None),) * (axis % buffer.ndim) + (slice(start, start + values.shape[axis]),)] = values
         return buffer
+    return jax_slot_writer(axis)(buffer, values.astype(buffer.dtype), start)
+
+
+@functools.cache
+def jax_slot_writer(axis):
+    """dynamic_update_slice along `axis` (counted from the end), batched as itself: jax.vmap would
+    make it a scatter, which XLA then copies the whole cache for."""
+    import jax
     from jax import lax
 
-    return lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), start, axis=1)
+    @jax.custom_batching.custom_vmap
+    def write(buffer, values, start):
+        return lax.dynamic_update_slice_in_dim(buffer, values, start, axis=axis)
+
+    @write.def_vmap
+    def write_batch(axis_size, in_batched, buffer, values, start):
+        if in_batched[2]:
+            raise NotImplementedError("a batch shares its cache slot")
+        buffer, values = (x if batched else jax.numpy.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip((buffer, values), in_batched))
+        return write(buffer, values, start), True
+
+    return write
 
 
-def attention(q, k, v, mask, rate=0.0, key=None):  # [n_head, n_q, d], [n_head, n_k, d] x2, [n_q, n_k] -> [n_head, n_q, d]
-    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])  # [n_head, n_q, n_k]
-    return dropout(softmax(xp_of(q).where(mask, scores, -1e10)), rate, key) @ v
+def attention(q, k_t, v, mask, rate=0.0, key=None):  # [n_head, n_q, d], [n_head, d, n_k], [n_head, n_k, d], [n_q, n_k]
+    scores = q @ k_t / math.sqrt(q.shape[-1])  # [n_head, n_q, n_k]
+    return dropout(softmax(xp_of(q).where(mask, scores, -1e10)), rate, key) @ v  # [n_head, n_q, d]
 
 
 def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new, n_embd] -> same
@@ -87,11 +107,12 @@ def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=
     xp = xp_of(x)
     qkv = linear(x, **c_attn)  # [n_new, 3*n_embd]
     q, k, v = qkv.reshape(n_new, 3, n_head, n_embd // n_head).transpose(1, 2, 0, 3)  # 3 x [n_head, n_new, d]
-    if kv_cache is not None:
-        k, v = kv_cache = (write_at(kv_cache[0], k, start), write_at(kv_cache[1], v, start))  # [n_head, n_max, d]
-    slot = xp.arange(k.shape[1])[None, :]  # [1, n_k]
+    k_t = k.swapaxes(-1, -2)  # [n_head, d, n_new]
+    if kv_cache is not None:  # K is kept transposed so that q @ k_t reads it in place
+        k_t, v = kv_cache = (write_at(kv_cache[0], k_t, start, -1), write_at(kv_cache[1], v, start, -2))
+    slot = xp.arange(v.shape[1])[None, :]  # [1, n_k]
     causal = (slot >= pad) & (slot <= start + xp.arange(n_new)[:, None])  # [n_new, n_k]
-    heads = attention(q, k, v, causal, rate, key)  # [n_head, n_new, d]
+    heads = attention(q, k_t, v, causal, rate, key)  # [n_head, n_new, d]
     return linear(heads.transpose(1, 0, 2).reshape(n_new, n_embd), **c_proj), kv_cache
 
 
@@ -106,8 +127,7 @@ def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, 
 
 def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new] -> [n_new, n_vocab]
     """Logits for the tokens in slots start..start+n_new-1, at positions slot - pad (`pad` slots of
-    left padding let a batch share its slots). With `cache` (a (k, v) pair of [n_head, n_max, d]
-    buffers per block) it returns (logits, updated cache). `rate` and a JAX `key` turn on dropout."""
+    left padding let a batch share its slots). With `cache` (see empty_cache) it returns (logits, updated cache). `rate` and a JAX `key` turn on dropout."""
     xp = xp_of(wte)
     embd_key, *block_keys = split_key(key, len(blocks) + 1)
     positions = xp.maximum(start - pad + xp.arange(inputs.shape[0]), 0)  # [n_new], padding at 0
@@ -121,10 +141,12 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rat
 
 
 def empty_cache(params, n_head, n_max):
-    """Zeroed (k, v) buffers for n_max positions in every block, in the params' array library."""
+    """Zeroed buffers for n_max slots in every block, in the params' array library and dtype:
+    (k transposed [n_head, d, n_max], v [n_head, n_max, d])."""
     xp = xp_of(params["wte"])
     d = params["wte"].shape[1] // n_head
-    return [tuple(xp.zeros((n_head, n_max, d), params["wte"].dtype) for _ in "kv") for _ in params["blocks"]]
+    zeros = functools.partial(xp.zeros, dtype=params["wte"].dtype)
+    return [(zeros((n_head, d, n_max)), zeros((n_head, n_max, d))) for _ in params["blocks"]]
 
 
 def prefill(params, inputs, pad, n_head, n_max):  # [n_slots] -> [n_vocab], cache
@@ -235,6 +257,16 @@ def generate(inputs, params, n_head, n_tokens_to_generate, backend="jax", eot=No
     return generate_batch([inputs], params, n_head, n_tokens_to_generate, backend, eot, **sampling)[0]
 
 
+def use_compilation_cache():
+    """Keep compiled programs on disk, so a later run of the same shapes starts without compiling:
+    in $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/gpt2-numpy-jax/xla."""
+    import jax
+
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gpt2-numpy-jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", default))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def to_backend(params, backend, dtype="float32"):
     if backend == "numpy":
         return params
@@ -315,6 +347,8 @@ def main(
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
     inputs = [encode_prompt(encoder, hparams, prompt, n_tokens_to_generate) for prompt in prompts]
     log(f"{len(inputs)} prompt(s), up to {max(map(len, inputs))} tokens; generating {n_tokens_to_generate} with {backend}")
+    if backend == "jax":
+        use_compilation_cache()
     params = to_backend(params, backend, dtype)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     eot = encoder.eot_token if stop_at_eot else None

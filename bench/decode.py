@@ -1,0 +1,122 @@
+"""Generation speed on a 124M-shaped checkpoint: load, compile, prefill and decode, per backend and dtype.
+
+    python bench/decode.py [--model_dir bench_models/124M-random] [--n_new 40] [--batches 1,16]
+
+A 10-token prompt, greedy. Decode tokens/s is compared with the bound that memory bandwidth sets at
+batch 1 (every token reads every weight once), measured here as a matrix-vector product over a
+matrix as large as the model. Also prints the time to first token of a fresh process, by stage.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpt2  # noqa: E402
+import utils  # noqa: E402
+from load import random_checkpoint  # noqa: E402
+
+N_PROMPT = 10
+
+
+def matvec_bandwidth(n_bytes):
+    """GB/s of the faster of NumPy and XLA through x @ W, W float32 of n_bytes (best of 5)."""
+    import jax
+
+    w = np.random.default_rng(0).random((4096, n_bytes // 4 // 4096), np.float32)  # [4096, n]
+    x = np.ones((1, 4096), np.float32)
+    matvec = jax.jit(lambda x, w: x @ w)
+    wj = jax.device_put(w)
+    best = {}
+    for name, run in [("numpy", lambda: x @ w), ("jax", lambda: matvec(x, wj).block_until_ready())]:
+        run()
+        best[name] = min(timed(run) for _ in range(5))
+    return {name: w.nbytes / seconds / 1e9 for name, seconds in best.items()}
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(params, n_head, backend, batch, n_new):
+    """(first prefill s incl. compile, prefill tokens/s, decode tokens/s) for one configuration."""
+    prompts = [list(range(100, 100 + N_PROMPT))] * batch
+
+    def run():
+        tokens = gpt2.stream(prompts, params, n_head, n_new, backend)
+        start = time.perf_counter()
+        next(tokens)  # prefill, and the first decode step
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        n_steps = sum(1 for _ in tokens)
+        return first, n_steps / (time.perf_counter() - start)
+
+    cold, _ = run()
+    warm, steps_per_s = min(run() for _ in range(2))
+    step_s = 1 / steps_per_s
+    prefill_s = max(warm - step_s, 1e-9)
+    return cold - warm, batch * N_PROMPT / prefill_s, batch * steps_per_s
+
+
+STARTUP = """
+import sys, time
+t0 = time.perf_counter()
+import jax, gpt2, utils
+gpt2.use_compilation_cache()
+t1 = time.perf_counter()
+encoder, hparams, params = utils.load_encoder_hparams_and_params(sys.argv[1])
+params = gpt2.to_backend(params, "jax")
+jax.block_until_ready(params)
+t2 = time.perf_counter()
+tokens = gpt2.stream([encoder.encode("Alan Turing theorized that computers would one day become")], params, hparams["n_head"], 40)
+next(tokens)
+t3 = time.perf_counter()
+print(f"{t1 - t0:.2f} {t2 - t1:.2f} {t3 - t2:.2f}")
+"""
+
+
+def startup(model_dir):
+    out = subprocess.run([sys.executable, "-c", STARTUP, model_dir], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [float(x) for x in out.stdout.split()]
+
+
+def main(model_dir=os.path.join(ROOT, "bench_models", "124M-random"), n_new=40, batches="1,16"):
+    random_checkpoint(model_dir)
+    batches = [int(b) for b in str(batches).split(",")]
+    load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))  # warms the cache too
+    load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))
+    _, hparams, params = utils.load_encoder_hparams_and_params(model_dir)
+    n_bytes = sum(a.nbytes for a in utils.flatten(params).values())
+    bandwidth = matvec_bandwidth(n_bytes)
+    bound = max(bandwidth.values()) * 1e9 / n_bytes
+    print(f"weights {n_bytes / 1e6:.0f} MB (float32); matvec bandwidth: numpy {bandwidth['numpy']:.1f} GB/s, "
+          f"jax {bandwidth['jax']:.1f} GB/s -> batch-1 bound {bound:.1f} tokens/s")
+    print(f"load (cached .npz): {load_s:.2f} s")
+    print(f"{'backend':8} {'dtype':9} {'batch':>5} {'load s':>7} {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'of bound':>8}")
+    for backend, dtype in [("jax", "float32"), ("numpy", "float32"), ("jax", "bfloat16")]:
+        load = timed(lambda: gpt2.to_backend(params, backend, dtype))
+        on_backend = gpt2.to_backend(params, backend, dtype)
+        for batch in batches:
+            compile_s, prefill, decode = measure(on_backend, hparams["n_head"], backend, batch, n_new)
+            share = f"{decode / bound:8.0%}" if batch == 1 and dtype == "float32" else ""
+            print(f"{backend:8} {dtype:9} {batch:5d} {load:7.2f} {compile_s:9.2f} {prefill:13.1f} {decode:12.1f} {share}", flush=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp()  # starts empty: the first run compiles
+    for run in ("first run (compiles)", "later run (compiled programs from disk)"):
+        import_s, load_s, first_token_s = startup(model_dir)
+        print(f"time to first token, fresh process, jax float32, {run}: {import_s + load_s + first_token_s:.2f} s "
+              f"(import {import_s:.2f}, load {load_s:.2f}, compile + prefill {first_token_s:.2f})")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
