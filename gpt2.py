@@ -71,28 +71,9 @@ def write_at(buffer, values, start, axis):  # buffer <- values at start.. along 
     if isinstance(buffer, np.ndarray):
         buffer[(slice(None),) * (axis % buffer.ndim) + (slice(start, start + values.shape[axis]),)] = values
         return buffer
-    return jax_slot_writer(axis)(buffer, values.astype(buffer.dtype), start)
-
-
-@functools.cache
-def jax_slot_writer(axis):
-    """dynamic_update_slice along `axis` (counted from the end), batched as itself: jax.vmap would
-    make it a scatter, which XLA then copies the whole cache for."""
-    import jax
     from jax import lax
 
-    @jax.custom_batching.custom_vmap
-    def write(buffer, values, start):
-        return lax.dynamic_update_slice_in_dim(buffer, values, start, axis=axis)
-
-    @write.def_vmap
-    def write_batch(axis_size, in_batched, buffer, values, start):
-        if in_batched[2]:
-            raise NotImplementedError("a batch shares its cache slot")
-        buffer, values = (x if batched else jax.numpy.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip((buffer, values), in_batched))
-        return write(buffer, values, start), True
-
-    return write
+    return lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), start, axis=axis)
 
 
 def attention(q, k_t, v, mask, rate=0.0, key=None):  # [n_head, n_q, d], [n_head, d, n_k], [n_head, n_k, d], [n_q, n_k]
@@ -187,22 +168,38 @@ def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, gumbel=None):  # [..
 
 
 @functools.cache
-def jax_programs(n_head, n_max, temperature, top_k, top_p):
-    """The jitted batch prefill and decode step for one shape and sampling setting, made once."""
+def jax_programs(n_head, n_max, batch, temperature, top_k, top_p):
+    """The jitted prefill and decode step for one shape and sampling setting, made once."""
     import jax
 
-    def prefill_batch(params, inputs, pad):  # [batch, n_slots], [batch] -> [batch, n_vocab], cache
-        return jax.vmap(prefill, in_axes=(None, 0, 0, None, None))(params, inputs, pad, n_head, n_max)
-
-    def step(params, logits, cache, slot, pad, key):  # [batch, n_vocab], cache, slot, [batch], key
-        """Pick every sequence's next token from its logits and run it into `slot`, shared by the
-        batch (a per-sequence slot would turn the cache update into a slow scatter)."""
+    def pick(logits, key):  # [batch, n_vocab] -> [batch], key
         key, noise_key = jax.random.split(key)
         gumbel = jax.random.gumbel(noise_key, logits.shape) if temperature else None
-        tokens = next_token(logits, temperature, top_k, top_p, gumbel)  # [batch]
-        decode_batch = jax.vmap(decode, in_axes=(None, 0, 0, None, 0, None))
-        logits, cache = decode_batch(params, tokens[:, None], cache, slot, pad, n_head)
-        return tokens, logits, cache, key
+        return next_token(logits, temperature, top_k, top_p, gumbel), key
+
+    if batch == 1:  # the single-sequence functions as they are: a vmapped axis of size 1 makes XLA copy the cache
+
+        def prefill_batch(params, inputs, pad):  # [1, n_slots], [1] -> [1, n_vocab], cache
+            logits, cache = prefill(params, inputs[0], pad[0], n_head, n_max)
+            return logits[None], cache
+
+        def step(params, logits, cache, slot, pad, key):  # [1, n_vocab], cache, slot, [1], key
+            tokens, key = pick(logits, key)  # [1]
+            logits, cache = decode(params, tokens, cache, slot, pad[0], n_head)
+            return tokens, logits[None], cache, key
+
+    else:
+
+        def prefill_batch(params, inputs, pad):  # [batch, n_slots], [batch] -> [batch, n_vocab], cache
+            return jax.vmap(prefill, in_axes=(None, 0, 0, None, None))(params, inputs, pad, n_head, n_max)
+
+        def step(params, logits, cache, slot, pad, key):  # [batch, n_vocab], cache, slot, [batch], key
+            """Every sequence's next token, run into `slot`, which the batch shares (a slot per
+            sequence would make the cache update a scatter)."""
+            tokens, key = pick(logits, key)  # [batch]
+            decode_batch = jax.vmap(decode, in_axes=(None, 0, 0, None, 0, None))
+            logits, cache = decode_batch(params, tokens[:, None], cache, slot, pad, n_head)
+            return tokens, logits, cache, key
 
     return jax.jit(prefill_batch), jax.jit(step, donate_argnums=(1, 2))
 
@@ -213,7 +210,7 @@ def stream_jax(prompts, params, n_head, n_new, temperature, top_k, top_p, seed):
     n_slots = max(map(len, prompts))
     pad = np.array([n_slots - len(p) for p in prompts], np.int32)  # [batch]
     inputs = np.array([[0] * n + p for n, p in zip(pad, prompts)], np.int32)  # [batch, n_slots], left-padded
-    prefill_batch, step = jax_programs(n_head, n_slots + n_new, temperature, top_k, top_p)
+    prefill_batch, step = jax_programs(n_head, n_slots + n_new, len(prompts), temperature, top_k, top_p)
     logits, cache = prefill_batch(params, inputs, pad)
     key = jax.random.key(seed)
     for t in range(n_new):

@@ -47,3 +47,16 @@ def model_copy(tf_model, tmp_path):
     for name in RELEASE_FILES:
         shutil.copyfile(os.path.join(tf_model[0], name), model_dir / name)
     return str(model_dir)
+
+
+def one_line_error(capsys, argv):
+    """Run gpt2's CLI in-process; it must exit with 2 and one `error:` line, no traceback. The line."""
+    import gpt2
+
+    with pytest.raises(SystemExit) as exit_info:
+        gpt2.cli(argv)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert "Traceback" not in err[0]
+    return err[0]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROMPT, ROOT
+from conftest import PROMPT, ROOT, one_line_error
 from tf_reference import reference_greedy
 
 import gpt2
@@ -62,16 +62,6 @@ def closed_port_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def one_line_error(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        gpt2.cli(argv)
-    assert exit_info.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1
-    assert "Traceback" not in err[0]
-    return err[0]
 
 
 @pytest.mark.parametrize(
