@@ -227,7 +227,10 @@ def stream_numpy(prompts, params, n_head, n_new, temperature, top_k, top_p, seed
         tokens = next_token(logits, temperature, top_k, top_p, gumbel)  # [batch]
         yield tokens
         if t + 1 < n_new:
-            runs = [decode(params, tokens[i : i + 1], cache, len(p) + t, 0, n_head) for i, (p, (_, cache)) in enumerate(zip(prompts, runs))]
+            runs = [
+                decode(params, tokens[i : i + 1], cache, len(p) + t, 0, n_head)
+                for i, (p, (_, cache)) in enumerate(zip(prompts, runs))
+            ]
 
 
 def stream(prompts, params, n_head, n_new, backend="jax", temperature=0.0, top_k=0, top_p=1.0, seed=0):
@@ -264,7 +267,8 @@ def use_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def to_backend(params, backend, dtype="float32"):
+def to_backend(params, backend, dtype=None):
+    """The params as arrays of the backend, cast to `dtype` if given."""
     if backend == "numpy":
         return params
     import jax

@@ -209,7 +209,10 @@ def test_bfloat16_greedy_matches_float32_where_margins_are_large(wide_margin_mod
     assert sure[0] and sure.sum() >= n_new // 2, "most tokens should be clear choices on this model"
     assert (bf16_logits.argmax(-1)[sure] == np.array(expected)[sure]).all()
     n_sure = int(np.argmin(sure)) if not sure.all() else n_new  # its own path agrees up to a close call
+    tokens = gpt2.stream([inputs], bf16, n_head, n_sure, "jax")
+    assert [int(t[0]) for t in tokens] == expected[:n_sure]
     assert gpt2.generate(inputs, bf16, n_head, n_sure, "jax") == expected[:n_sure]
+    assert gpt2.to_backend(bf16, "jax")["wte"].dtype == jax.numpy.bfloat16  # generate keeps the dtype
 
 
 def test_print_stream_holds_split_characters(capsys, vocab_dir):
