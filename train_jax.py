@@ -261,26 +261,21 @@ def rule_tree(params, rules):
     return unflatten(flat, len(params["blocks"]))
 
 
-def init_param(path, shape, key, n_layer):
+def init_param(path, shape, rng, n_layer):
     """GPT-2's init: unit LayerNorm gains, zero biases, normal(0, 0.02) weights, with the residual
     output projections (c_proj/w) scaled by 1/sqrt(2*n_layer)."""
-    import jax
-    import jax.numpy as jnp
-
     if path.endswith("/g"):
-        return jnp.ones(shape)
+        return np.ones(shape, np.float32)
     if path.endswith("/b"):
-        return jnp.zeros(shape)
+        return np.zeros(shape, np.float32)
     std = INIT_STD / math.sqrt(2 * n_layer) if path.endswith("c_proj/w") else INIT_STD
-    return std * jax.random.normal(key, shape)
+    return std * rng.standard_normal(shape, np.float32)
 
 
 def init_params(hparams, seed):
-    import jax
-
-    shapes = expected_shapes(hparams)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-    flat = {path: init_param(path, shape, key, hparams["n_layer"]) for (path, shape), key in zip(shapes.items(), keys)}
+    """float32 NumPy params of the hparams' shape, a pure function of the seed."""
+    rng = np.random.default_rng(seed)
+    flat = {path: init_param(path, shape, rng, hparams["n_layer"]) for path, shape in expected_shapes(hparams).items()}
     return unflatten(flat, hparams["n_layer"])
 
 
@@ -301,15 +296,15 @@ def cross_entropy(logits, targets):  # [..., n_vocab], [...] -> []
 
 
 def loss_fn(params, inputs, targets, key, n_head, rate, dtype):  # [batch, n_seq] x2 -> []
-    """Mean next-token cross-entropy, computed in `dtype` from float32 master weights."""
+    """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
+    weights' precision (float32)."""
     import jax
-    import jax.numpy as jnp
 
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
-    forward = lambda x, k: gpt2(x, **params, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
+    compute = jax.tree.map(lambda p: p.astype(dtype), params)
+    forward = lambda x, k: gpt2(x, **compute, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
     keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
     logits = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_vocab]
-    return cross_entropy(logits.astype(jnp.float32), targets)
+    return cross_entropy(logits.astype(params["wte"].dtype), targets)
 
 
 def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip):
@@ -444,9 +439,7 @@ def check_flags(flags):
 
 
 def initial_model(flags, meta):
-    """(hparams, params, vocab_dir): GPT-2's init for the flags' shape, or a checkpoint to fine-tune."""
-    import jax
-
+    """(hparams, NumPy params, vocab_dir): GPT-2's init for the flags' shape, or a checkpoint to fine-tune."""
     if flags["init_from"] == "scratch":
         n_vocab = flags["vocab_size"] or meta["vocab_size"]
         if n_vocab < meta["vocab_size"]:
@@ -462,7 +455,7 @@ def initial_model(flags, meta):
     data_vocab = os.path.join(flags["data_dir"], "encoder.json")
     if os.path.isfile(data_vocab) and read_bytes(data_vocab) != read_bytes(os.path.join(model_dir, "encoder.json")):
         raise UserError(f"{flags['data_dir']} was not tokenized with {flags['init_from']}'s vocabulary: prepare it with --tokenizer gpt2")
-    return hparams, jax.tree.map(jax.numpy.asarray, params), model_dir
+    return hparams, params, model_dir
 
 
 def read_bytes(path):
@@ -503,6 +496,7 @@ def fit(flags):
     data_dir, out_dir, seed, block_size = flags["data_dir"], flags["out_dir"], flags["seed"], flags["block_size"]
     ensure_data(data_dir, flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(data_dir))
+    params = jax.device_put(params)
     train_ids = load_split(data_dir, "train", block_size, hparams["n_vocab"])
     val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
     optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
@@ -677,6 +671,13 @@ def export(ckpt_dir="out/shakespeare_char", out=None, step=None):
     params = {**jax.tree.map(np.asarray, state["params"]), "wte": np.asarray(state["params"]["wte"])[:n_vocab]}
     save_gpt2_checkpoint(params, {**hparams, "n_vocab": n_vocab}, str(out), ckpt_dir)
     log(f"exported step {step} of {ckpt_dir} to {out}: python gpt2.py \"...\" --model_size {out}")
+
+
+def default_flags(**overrides):
+    """`train`'s flags with their defaults, updated by `overrides`."""
+    import inspect
+
+    return {**{name: p.default for name, p in inspect.signature(train).parameters.items()}, **overrides}
 
 
 COMMANDS = {"train": train, "prepare": prepare, "export": export}
