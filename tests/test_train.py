@@ -20,7 +20,7 @@ from http_server import serve
 import gpt2
 import train_jax
 from encoder import EOT, bytes_to_unicode, load_encoder
-from utils import UserError, expected_shapes, flatten, load_encoder_hparams_and_params
+from utils import UserError, expected_shapes, flatten, load_encoder_hparams_and_params, unflatten
 
 CORPUS = "".join(
     f"ROMEO: speak line {i} of the {('tiny', 'small', 'short')[i % 3]} play, {i * 7 % 13} times.\n"
@@ -164,7 +164,7 @@ def test_gradients_match_central_finite_differences():
     hparams = {"n_vocab": 11, "n_ctx": 6, "n_embd": 8, "n_head": 2, "n_layer": 2}
     rng = np.random.default_rng(0)
     flat = {p: rng.normal(0, 0.3, s) + (1.0 if p.endswith("/g") else 0.0) for p, s in expected_shapes(hparams).items()}
-    params = train_jax.unflatten(flat, hparams["n_layer"])  # float64 NumPy
+    params = unflatten(flat, hparams["n_layer"])  # float64 NumPy
     inputs, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
     with jax.enable_x64(True):
         jax_params = jax.tree.map(jax.numpy.asarray, params)
@@ -174,7 +174,7 @@ def test_gradients_match_central_finite_differences():
     eps = 1e-6
     for path, value in flat.items():
         direction = rng.normal(size=value.shape)
-        shifted = lambda sign: train_jax.unflatten({**flat, path: value + sign * eps * direction}, hparams["n_layer"])
+        shifted = lambda sign: unflatten({**flat, path: value + sign * eps * direction}, hparams["n_layer"])
         numeric = (numpy_loss(shifted(1), inputs, targets, 2) - numpy_loss(shifted(-1), inputs, targets, 2)) / (2 * eps)
         assert (grads[path] * direction).sum() == pytest.approx(numeric, rel=1e-6, abs=1e-9), path
 
@@ -353,7 +353,7 @@ def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
         trained = {p: np.asarray(a) for p, a in flatten(best["params"]).items()}
     assert all((flatten(params)[p] == a).all() for p, a in trained.items())
     inputs = np.array(encoder.encode("ROMEO: speak"))
-    expected = gpt2.gpt2(inputs, **train_jax.unflatten(trained, 2), n_head=2)
+    expected = gpt2.gpt2(inputs, **unflatten(trained, 2), n_head=2)
     np.testing.assert_array_equal(gpt2.gpt2(inputs, **params, n_head=2), expected)
     tf_names = {name: list(a.shape) for name, a in read_checkpoint(str(tmp_path / "model")).items()}
     assert tf_names == variable_shapes(hparams)
