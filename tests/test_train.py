@@ -1,0 +1,406 @@
+"""train_jax.py: data, init, loss and gradients, the optimizer, resume, export, the command line.
+
+Each check is against something train_jax does not compute itself: finite differences of a NumPy
+float64 loss, the uninterrupted run, TensorFlow's checkpoint reader, the encoder's own decoding.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from http_server import serve
+
+import gpt2
+import train_jax
+from encoder import EOT, bytes_to_unicode, load_encoder
+from utils import UserError, expected_shapes, flatten, load_encoder_hparams_and_params, unflatten
+
+CORPUS = "".join(
+    f"ROMEO: speak line {i} of the {('tiny', 'small', 'short')[i % 3]} play, {i * 7 % 13} times.\n"
+    f"JULIET: and I answer {i % 5}!\n\n"
+    for i in range(300)
+)  # about 20 kB of text with a little structure to learn
+TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4)
+QUIET = dict(data_url="", peak_flops=1e9, eval_iters=2)  # no download, no matmul probe
+N_SYMBOLS = len(set(CORPUS))  # the bytes vocabulary of the (ASCII) corpus
+ACCENTED = "Ça va? Oui, très bien.\r\n\tTabs, “quotes”, and an emoji 🙂.\n"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The corpus, prepared with the bytes tokenizer."""
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "input.txt").write_text(CORPUS, encoding="utf-8")
+    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
+    return str(folder / "data")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The tests compile the same programs many times, in this process and in subprocesses: keep
+    them in JAX's persistent cache (what JAX_COMPILATION_CACHE_DIR does for users)."""
+    import jax
+
+    folder = str(tmp_path_factory.mktemp("jax_cache"))
+    settings = {"jax_compilation_cache_dir": folder, "jax_persistent_cache_min_compile_time_secs": 0.5}
+    saved = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    yield
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def tiny_flags(data_dir, out_dir, **overrides):
+    return train_jax.default_flags(**{"data_dir": data_dir, "out_dir": str(out_dir), **TINY, **QUIET, **overrides})
+
+
+def read_ids(path):
+    return np.fromfile(path, np.uint16).tolist()
+
+
+def run(*args, cwd=ROOT, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_prepare_round_trips_text(tokenizer, tmp_path, vocab_dir):
+    first, second = CORPUS[:3000] + ACCENTED, ACCENTED + "the end"
+    (tmp_path / "a.txt").write_text(first, encoding="utf-8", newline="")
+    (tmp_path / "b.txt").write_text(second, encoding="utf-8", newline="")
+    out = tmp_path / "data"
+    files = dict(input=str(tmp_path / "a.txt"), out=str(out), tokenizer=tokenizer, val_fraction=0.3, vocab_dir=vocab_dir)
+    train_jax.prepare(str(tmp_path / "b.txt"), **files)
+    train, val = read_ids(out / "train.bin"), read_ids(out / "val.bin")
+    encoder = load_encoder(str(out))
+    separator = EOT if tokenizer == "gpt2" else ""
+    assert encoder.decode(train + val) == first + separator + second
+    assert len(train) == int((len(train) + len(val)) * 0.7)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == tokenizer
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (len(train), len(val), len(encoder.encoder))
+    if tokenizer == "bytes":
+        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        by_id = sorted(encoder.encoder, key=encoder.encoder.get)
+        assert [byte_decoder[c] for c in by_id] == sorted(set((first + second).encode()))  # ids in byte order
+        assert (out / "vocab.bpe").read_text() == "#version: 0.2\n"
+    else:
+        assert train + val == encoder.encode(first) + [encoder.eot_token] + encoder.encode(second)
+
+
+def test_text_is_cut_only_where_the_bpe_ids_stay_the_same(tmp_path, vocab_dir):
+    text = "a  \nb\n\n\nc \n d\ne\r\n" * 20 + CORPUS[:500] + "x" * 40 + "\n" + ACCENTED * 5
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8", newline="")
+    chunks = [chunk for chunk, _ in train_jax.text_chunks(str(tmp_path / "t.txt"), chunk_bytes=8)]
+    encoder = load_encoder(vocab_dir)
+    assert len(chunks) > 20 and "".join(chunks) == text
+    assert [i for chunk in chunks for i in encoder.encode(chunk)] == encoder.encode(text)
+
+
+@pytest.mark.parametrize(
+    "content, flags, message",
+    [
+        (b"", {}, "is empty: give a file with some text"),
+        (None, {}, "is not a file: give the path of a text file"),
+        (b"hi", {"tokenizer": "chars"}, "unknown --tokenizer 'chars': use gpt2 or bytes"),
+        (b"hi", {"val_fraction": 1.5}, "--val_fraction must be a number between 0 and 1"),
+        (b"caf\xe9", {}, "line 1 is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes"),
+    ],
+)
+def test_prepare_errors_name_the_fix(content, flags, message, tmp_path, vocab_dir):
+    if content is not None:
+        (tmp_path / "input.txt").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        train_jax.prepare(input=str(tmp_path / "input.txt"), out=str(tmp_path / "data"), vocab_dir=vocab_dir, **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# init, loss, gradients, optimizer
+
+
+def test_init_is_gpt2s():
+    hparams = {"n_vocab": 300, "n_ctx": 128, "n_embd": 256, "n_head": 4, "n_layer": 8}
+    flat = {path: np.asarray(a) for path, a in flatten(train_jax.init_params(hparams, seed=0)).items()}
+    assert {path: list(a.shape) for path, a in flat.items()} == expected_shapes(hparams)
+    for path, a in flat.items():
+        assert a.dtype == np.float32
+        if path.endswith("/g"):
+            assert (a == 1).all(), path
+        elif path.endswith("/b"):
+            assert (a == 0).all(), path
+        else:
+            std = 0.02 / 4 if path.endswith("c_proj/w") else 0.02  # 1/sqrt(2 * n_layer) = 1/4
+            assert abs(a.mean()) < 0.1 * std and a.std() == pytest.approx(std, rel=0.05), path
+    again = flatten(train_jax.init_params(hparams, seed=0))
+    assert all((np.asarray(again[p]) == flat[p]).all() for p in flat)
+
+
+def numpy_loss(params, inputs, targets, n_head):  # float64 NumPy, through gpt2.py's NumPy path
+    losses = []
+    for x, y in zip(inputs, targets):
+        logits = gpt2.gpt2(x, **params, n_head=n_head)  # [n_seq, n_vocab]
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs = log_probs - np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        losses.append(-log_probs[np.arange(len(y)), y])
+    return np.mean(losses)
+
+
+def test_gradients_match_central_finite_differences():
+    import jax
+
+    hparams = {"n_vocab": 11, "n_ctx": 6, "n_embd": 8, "n_head": 2, "n_layer": 2}
+    rng = np.random.default_rng(0)
+    flat = {p: rng.normal(0, 0.3, s) + (1.0 if p.endswith("/g") else 0.0) for p, s in expected_shapes(hparams).items()}
+    params = unflatten(flat, hparams["n_layer"])  # float64 NumPy
+    inputs, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    with jax.enable_x64(True):
+        jax_params = jax.tree.map(jax.numpy.asarray, params)
+        loss, grads = jax.value_and_grad(train_jax.loss_fn)(jax_params, inputs, targets, None, 2, 0.0, "float64")
+        grads = {p: np.asarray(g) for p, g in flatten(grads).items()}
+    assert float(loss) == pytest.approx(numpy_loss(params, inputs, targets, 2), rel=1e-12)
+    eps = 1e-6
+    for path, value in flat.items():
+        direction = rng.normal(size=value.shape)
+        shifted = lambda sign: unflatten({**flat, path: value + sign * eps * direction}, hparams["n_layer"])
+        numeric = (numpy_loss(shifted(1), inputs, targets, 2) - numpy_loss(shifted(-1), inputs, targets, 2)) / (2 * eps)
+        assert (grads[path] * direction).sum() == pytest.approx(numeric, rel=1e-6, abs=1e-9), path
+
+
+def test_decay_mask_covers_exactly_the_2d_weights():
+    import jax
+    import jax.numpy as jnp
+
+    hparams = {"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 3}
+    params = train_jax.init_params(hparams, seed=0)
+    mask = flatten(train_jax.rule_tree(params, train_jax.DECAY_RULES))
+    assert {p for p, decay in mask.items() if decay} == {p for p, a in flatten(params).items() if a.ndim == 2}
+    # One AdamW step with zero gradients only decays: exactly the masked leaves shrink by lr * wd.
+    optimizer, _ = train_jax.make_optimizer(params, 0.5, 0.5, 0, 10, 0.1, 0.9, 0.95, 1.0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
+    for path, update in flatten(updates).items():
+        expected = -0.5 * 0.1 * flatten(params)[path] if mask[path] else 0 * update
+        np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=path)
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    params = train_jax.init_params({"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}, 0)
+    _, schedule = train_jax.make_optimizer(params, 1e-3, 1e-4, 10, 100, 0.1, 0.9, 0.95, 1.0)
+    lrs = [float(schedule(step)) for step in range(120)]
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a > b for a, b in zip(lrs[10:100], lrs[11:101]))
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # cosine: half way at half the decay
+    assert lrs[100:] == pytest.approx([1e-4] * 20)
+
+
+def tiny_setup(data_dir, batch_shape=(1, 4), n_embd=16):
+    """A tiny model's params and one batch of the corpus ([grad_accum, batch, 16] inputs and targets)."""
+    hparams = {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": n_embd, "n_head": 2, "n_layer": 2}
+    ids = train_jax.load_split(data_dir, "train", 16, N_SYMBOLS)
+    return train_jax.init_params(hparams, seed=0), train_jax.get_batch(ids, train_jax.batch_offsets(0, 0, 0, batch_shape, len(ids), 16), 16)
+
+
+def jitted_step(optimizer, dtype="float32"):
+    import functools
+
+    import jax
+
+    return jax.jit(functools.partial(train_jax.train_step, optimizer=optimizer, n_head=2, rate=0.0, dtype=dtype))
+
+
+def test_tiny_model_overfits_one_batch(data_dir):
+    params, batch = tiny_setup(data_dir, n_embd=32)
+    optimizer, _ = train_jax.make_optimizer(params, 1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
+    state, step = train_jax.init_state(params, optimizer, 0), jitted_step(optimizer)
+    losses = []
+    for _ in range(300):
+        state, loss = step(state, *batch)
+        losses.append(float(loss))
+    assert losses[0] > 3.5 and losses[-1] < 0.05
+
+
+def test_grad_accum_equals_one_big_batch(data_dir):
+    """Plain SGD with lr 1 turns the step into `params - mean gradient`, easy to compare."""
+    import jax
+    import optax
+
+    step = jitted_step(optax.sgd(1.0))
+    (params, accumulated_batch), (_, whole_batch) = tiny_setup(data_dir, (2, 2)), tiny_setup(data_dir, (1, 4))
+    np.testing.assert_array_equal(accumulated_batch[0].reshape(1, 4, 16), whole_batch[0])  # the same 4 sequences
+    state = lambda: train_jax.init_state(params, optax.sgd(1.0), 0)
+    (accumulated, loss_2x2), (whole, loss_1x4) = step(state(), *accumulated_batch), step(state(), *whole_batch)
+    assert float(loss_2x2) == pytest.approx(float(loss_1x4), rel=1e-6)
+    for a, b, p in zip(*(jax.tree.leaves(s["params"]) for s in (accumulated, whole)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a - p, b - p, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_computes_close_to_float32_with_float32_weights(data_dir):
+    import jax
+
+    params, (inputs, targets) = tiny_setup(data_dir)
+    grad = jax.jit(jax.value_and_grad(train_jax.loss_fn), static_argnums=(3, 4, 5, 6))
+    (loss_32, grads_32), (loss_16, grads_16) = (grad(params, inputs[0], targets[0], None, 2, 0.0, d) for d in ("float32", "bfloat16"))
+    assert float(loss_16) == pytest.approx(float(loss_32), rel=0.01)
+    g32, g16 = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(g)]) for g in (grads_32, grads_16))
+    assert g16.dtype == np.float32 and g32 @ g16 / np.linalg.norm(g32) / np.linalg.norm(g16) > 0.99
+    optimizer, _ = train_jax.make_optimizer(params, 1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
+    new_state, _ = jitted_step(optimizer, "bfloat16")(train_jax.init_state(params, optimizer, 0), inputs, targets)
+    assert {a.dtype for a in jax.tree.leaves(new_state["params"])} == {np.dtype("float32")}
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop: errors, resume, export
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"n_layer": 0}, "--n_layer must be a positive integer"),
+        ({"dropout": 1.5}, r"--dropout must be a number in \[0, 1\)"),
+        ({"dtype": "float16"}, "unknown --dtype"),
+        ({"n_embd": 10, "n_head": 4}, "must be a multiple of --n_head"),
+        ({"block_size": 5000}, "too short for one block"),
+        ({"vocab_size": 10}, "smaller than the data's vocabulary"),
+        ({"resume": True}, "holds no training run"),
+        ({"data_dir": "/nonexistent/data"}, "has no train.bin: run `python train_jax.py prepare"),
+    ],
+)
+def test_training_errors_name_the_fix(overrides, message, data_dir, tmp_path):
+    with pytest.raises(UserError, match=message):
+        train_jax.fit({**tiny_flags(data_dir, tmp_path / "out", max_iters=1), **overrides})
+
+
+def test_ids_outside_the_vocabulary_are_an_error(data_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    ids = np.fromfile(bad / "train.bin", np.uint16)
+    ids[100] = 70  # the vocabulary has N_SYMBOLS < 70
+    ids.tofile(bad / "train.bin")
+    with pytest.raises(UserError, match="holds id 70, outside the model's vocabulary"):
+        train_jax.fit(tiny_flags(str(bad), tmp_path / "out", max_iters=1))
+
+
+def test_resume_after_a_stop_equals_the_uninterrupted_run_step_for_step(data_dir, tmp_path):
+    import jax
+
+    flags = dict(max_iters=12, lr_decay_iters=12, warmup_iters=2, log_interval=1, eval_interval=4, ckpt_interval=4, dropout=0.1)
+    whole = train_jax.fit(tiny_flags(data_dir, tmp_path / "whole", **flags))
+    first = train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **{**flags, "max_iters": 7}))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags))
+    with pytest.raises(UserError, match="--learning_rate is 0.5"):
+        train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True, learning_rate=0.5))
+    rest = train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True))
+    assert list(first["losses"]) == list(range(1, 8)) and list(rest["losses"]) == list(range(8, 13))
+    assert {**first["losses"], **rest["losses"]} == whole["losses"]  # exactly, dropout included
+    for a, b in zip(jax.tree.leaves(rest["state"]), jax.tree.leaves(whole["state"])):
+        np.testing.assert_array_equal(a, b)
+    assert whole["losses"][12] < whole["losses"][1]
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
+    import jax
+
+    flags = dict(max_iters=200, ckpt_interval=10, eval_interval=10, log_interval=50, keep=2, **TINY, **QUIET)
+    argv = ["train_jax.py", "--data_dir", data_dir, "--out_dir", str(tmp_path / "killed")]
+    argv += [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in flags.items()]
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "10"
+    while not first.exists() and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    steps = sorted(int(name) for name in os.listdir(tmp_path / "killed" / "checkpoints") if name.isdigit())
+    assert steps and steps[-1] < 200  # killed part way
+    resumed = run(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {tmp_path / 'killed'} at step {steps[-1]}" in resumed.stderr
+    whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=str(tmp_path / "whole"), **flags))
+    manager = train_jax.checkpoint_manager(str(tmp_path / "killed"), 2)
+    state, loader = train_jax.restore_checkpoint(manager, 200, whole["state"])
+    assert loader == {"seed": 1337, "next_batch": 200}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
+    from tf_reference import read_checkpoint, variable_shapes
+
+    summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=6, eval_interval=3, ckpt_interval=100))
+    assert summary["best_step"] in (3, 6)
+    train_jax.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
+    encoder, hparams, params = load_encoder_hparams_and_params(str(tmp_path / "model"))
+    assert hparams == {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
+    trained = {p: np.asarray(a) for p, a in flatten(summary["state"]["params"]).items()}
+    manager = train_jax.checkpoint_manager(str(tmp_path / "run"), 3)
+    if summary["best_step"] != 6:  # export took the best step, not the last
+        best, _ = train_jax.restore_checkpoint(manager, summary["best_step"], summary["state"])
+        trained = {p: np.asarray(a) for p, a in flatten(best["params"]).items()}
+    assert all((flatten(params)[p] == a).all() for p, a in trained.items())
+    inputs = np.array(encoder.encode("ROMEO: speak"))
+    expected = gpt2.gpt2(inputs, **unflatten(trained, 2), n_head=2)
+    np.testing.assert_array_equal(gpt2.gpt2(inputs, **params, n_head=2), expected)
+    tf_names = {name: list(a.shape) for name, a in read_checkpoint(str(tmp_path / "model")).items()}
+    assert tf_names == variable_shapes(hparams)
+
+
+def test_export_of_a_padded_vocabulary_keeps_the_tokenizers(data_dir, tmp_path):
+    summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=2, vocab_size=64))
+    assert summary["state"]["params"]["wte"].shape == (64, 16)
+    train_jax.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
+    encoder, hparams, params = load_encoder_hparams_and_params(str(tmp_path / "model"))
+    assert hparams["n_vocab"] == len(encoder.encoder) == params["wte"].shape[0] == N_SYMBOLS
+    np.testing.assert_array_equal(params["wte"], np.asarray(summary["state"]["params"]["wte"])[:N_SYMBOLS])
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line, end to end
+
+
+def test_cli_downloads_trains_exports_and_gpt2_generates(tmp_path):
+    flags = [f"--{k}={v}" for k, v in {**TINY, "max_iters": 20, "learning_rate": 1e-2, "warmup_iters": 0, "log_interval": 5,
+                                       "eval_interval": 10, "peak_flops": 1e9}.items()]  # fmt: skip
+    with serve({"input.txt": CORPUS.encode()}) as server:
+        trained = run("train_jax.py", "--data_dir", str(tmp_path / "data"), "--data_url", f"{server.url}/input.txt",
+                      "--out_dir", str(tmp_path / "out"), *flags)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert server.requests == [("/input.txt", None)]
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["tokenizer"] == "bytes"
+    val_losses = [float(line.split("val loss ")[1]) for line in trained.stderr.splitlines() if line.startswith("step ")]
+    assert len(val_losses) == 2 and val_losses[1] < val_losses[0] < math.log(N_SYMBOLS) - 0.3  # it learned
+    assert f"best val loss {min(val_losses):.4f} at step" in trained.stderr and "tok/s, MFU" in trained.stderr
+    exported = run("train_jax.py", "export", "--ckpt_dir", str(tmp_path / "out"), "--out", str(tmp_path / "model"))
+    assert exported.returncode == 0, exported.stderr
+    generated = run("gpt2.py", "ROMEO:", "--model_size", str(tmp_path / "model"), "--n_tokens_to_generate", "5")
+    assert generated.returncode == 0, generated.stderr
+    encoder, hparams, params = load_encoder_hparams_and_params(str(tmp_path / "model"))
+    ids = gpt2.generate(encoder.encode("ROMEO:"), params, hparams["n_head"], 5, backend="numpy")
+    assert generated.stdout == encoder.decode(ids) + "\n"
+
+
+def test_cli_help_shows_every_flag_and_errors_are_one_line(tmp_path):
+    shown = run("train_jax.py", "--help", env={**os.environ, "PAGER": "cat"})
+    text = shown.stdout + shown.stderr  # fire writes help to stderr when it is not a terminal
+    for flag in train_jax.default_flags():
+        assert f"--{flag}={flag.upper()}" in text, flag
+    assert "--max_iters=MAX_ITERS\n        Default: 2000" in text and "--beta2=BETA2\n        Default: 0.95" in text
+    assert "subcommands: train, the default; prepare; export" in text
+    failed = run("train_jax.py", "prepare", "--input", str(tmp_path / "none.txt"), "--out", str(tmp_path / "d"))
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+        f"error: --input {str(tmp_path / 'none.txt')!r} is not a file: give the path of a text file"
+    ]

@@ -1,0 +1,694 @@
+"""Train and fine-tune GPT-2 with jax.grad and optax, checkpoint with orbax, export to the release layout.
+
+    python train_jax.py prepare --input FILE [FILE...] --out DIR [--tokenizer gpt2|bytes]
+    python train_jax.py [--data_dir DIR] [--max_iters 2000] ...      # train (no data: Tiny Shakespeare)
+    python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
+
+The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, `jax.vmap`-ed over
+the batch. A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
+dropout key is carried in the train state, so `--resume` repeats the uninterrupted run step for step.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from encoder import bytes_to_unicode, load_encoder
+from gpt2 import gpt2
+from utils import (
+    VOCAB_FILES,
+    UserError,
+    base_url,
+    check_positive_int,
+    download_file,
+    expected_shapes,
+    flatten,
+    load_encoder_hparams_and_params,
+    log,
+    resolve_model_dir,
+    run_cli,
+    save_gpt2_checkpoint,
+    unflatten,
+)
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TOKENIZERS = ("gpt2", "bytes")
+DTYPES = ("float32", "bfloat16")
+CHUNK_BYTES = 1 << 20  # prepare reads and encodes about this much text at a time
+INIT_STD = 0.02
+# Weight decay on the 2-D matrices (the conv weights and both embeddings, as in nanoGPT), none on
+# biases and LayerNorm gains. Rules are (regex over the '/'-joined param path, value), first match wins.
+DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # the random streams batches are drawn from, with the seed
+CONFIG_FILE = "config.json"
+OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: train.bin / val.bin (uint16 ids, nanoGPT's format), meta.json, encoder.json + vocab.bpe
+
+
+def check_inputs(paths):
+    if not paths:
+        raise UserError("give at least one text file: prepare --input FILE [FILE...] --out DIR")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"--input {path!r} is not a file: give the path of a text file")
+    if sum(os.path.getsize(path) for path in paths) == 0:
+        raise UserError(f"the input ({', '.join(paths)}) is empty: give a file with some text")
+
+
+def byte_vocabulary(paths, bar):
+    """The sorted bytes that occur in the files (one streaming pass)."""
+    counts = np.zeros(256, np.int64)
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                counts += np.bincount(np.frombuffer(chunk, np.uint8), minlength=256)
+                bar.update(len(chunk))
+    return np.flatnonzero(counts)
+
+
+def write_byte_vocab(present, out):
+    """encoder.json mapping each present byte (as GPT-2's printable character) to its rank, and a
+    vocab.bpe without merges: encoder.py then encodes and decodes byte by byte."""
+    byte_encoder = bytes_to_unicode()
+    with open(os.path.join(out, "encoder.json"), "w", encoding="utf-8") as f:
+        json.dump({byte_encoder[int(b)]: i for i, b in enumerate(present)}, f, ensure_ascii=False)
+    with open(os.path.join(out, "vocab.bpe"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+
+
+def byte_ids(paths, present, bar):
+    """The files' bytes as ids, chunk by chunk."""
+    table = np.zeros(256, np.uint16)
+    table[present] = np.arange(len(present))
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                yield table[np.frombuffer(chunk, np.uint8)]
+                bar.update(len(chunk))
+
+
+def text_chunks(path, chunk_bytes=CHUNK_BYTES):
+    """The file's text in pieces of about chunk_bytes (and its byte count), cut only between a line
+    ending in 'x\\n' and a line starting with a non-space: GPT-2's pre-tokenizer never joins across
+    such a cut, so encoding the pieces gives the ids of encoding the whole."""
+    lines, size, previous = [], 0, ""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path} line {number} is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes")
+            if size >= chunk_bytes and not line[:1].isspace() and previous[-2:-1] not in ("", *" \t\r\n\f\v"):
+                yield "".join(lines), size
+                lines, size = [], 0
+            lines.append(line)
+            size += len(raw)
+            previous = line
+    yield "".join(lines), size
+
+
+def gpt2_ids(paths, encoder, bar):
+    """The files' GPT-2 BPE ids with <|endoftext|> between files, chunk by chunk."""
+    for i, path in enumerate(paths):
+        if i:
+            yield np.array([encoder.eot_token], np.uint16)
+        for text, size in text_chunks(path):
+            yield np.array(encoder.encode(text), np.uint16)
+            bar.update(size)
+
+
+def gpt2_vocab(vocab_dir):
+    """The folder holding GPT-2's encoder.json and vocab.bpe, fetching just those two when missing."""
+    os.makedirs(vocab_dir, exist_ok=True)
+    for name in VOCAB_FILES:
+        if not os.path.isfile(os.path.join(vocab_dir, name)):
+            download_file(f"{base_url()}/124M/{name}", os.path.join(vocab_dir, name))
+    return vocab_dir
+
+
+def move_tail(train_path, val_path, n_train):
+    """Move the ids after the first n_train of train.bin into val.bin, in chunks."""
+    ids = np.memmap(train_path, np.uint16, "r")
+    with open(val_path, "wb") as f:
+        for start in range(n_train, len(ids), CHUNK_BYTES):
+            ids[start : start + CHUNK_BYTES].tofile(f)
+    del ids
+    os.truncate(train_path, n_train * 2)
+
+
+def prepare(*more_inputs, input=None, out=None, tokenizer="gpt2", val_fraction=0.1, vocab_dir="models/124M"):
+    """Tokenize text files into OUT/train.bin, val.bin (uint16 ids), meta.json, encoder.json, vocab.bpe.
+
+    Args:
+      more_inputs: more text files, after the first (`--input a.txt b.txt`).
+      input: a text file.
+      out: the data folder to write (give it to training as --data_dir).
+      tokenizer: gpt2 (GPT-2's BPE, <|endoftext|> between files) or bytes (one id per byte that occurs).
+      val_fraction: the share of ids, at the end, held out as val.bin.
+      vocab_dir: where GPT-2's encoder.json and vocab.bpe are (fetched there when missing; gpt2 only).
+    """
+    paths = [str(p) for p in ([input] if input is not None else []) + list(more_inputs)]
+    check_inputs(paths)
+    if out is None:
+        raise UserError("give the folder to write the data to: --out DIR")
+    if tokenizer not in TOKENIZERS:
+        raise UserError(f"unknown --tokenizer {tokenizer!r}: use {' or '.join(TOKENIZERS)}")
+    if type(val_fraction) not in (int, float) or not 0 < val_fraction < 1:
+        raise UserError(f"--val_fraction must be a number between 0 and 1 (e.g. 0.1), got {val_fraction!r}")
+    from tqdm import tqdm
+
+    out = str(out)
+    os.makedirs(out, exist_ok=True)
+    total = sum(os.path.getsize(path) for path in paths)
+    bar = lambda desc: tqdm(desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+    if tokenizer == "bytes":
+        with bar("bytes") as b:
+            present = byte_vocabulary(paths, b)
+        write_byte_vocab(present, out)
+        vocab_size, chunks = len(present), lambda b: byte_ids(paths, present, b)
+    else:
+        for name in VOCAB_FILES:
+            shutil.copyfile(os.path.join(gpt2_vocab(str(vocab_dir)), name), os.path.join(out, name))
+        encoder = load_encoder(out)
+        vocab_size, chunks = len(encoder.encoder), lambda b: gpt2_ids(paths, encoder, b)
+    train_path, val_path = os.path.join(out, "train.bin"), os.path.join(out, "val.bin")
+    n_tokens = 0
+    with open(train_path, "wb") as f, bar(f"encoding ({tokenizer})") as b:
+        for ids in chunks(b):
+            ids.tofile(f)
+            n_tokens += len(ids)
+    n_train = int(n_tokens * (1 - val_fraction))
+    move_tail(train_path, val_path, n_train)
+    meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "train_tokens": n_train, "val_tokens": n_tokens - n_train}
+    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump({**meta, "inputs": paths}, f, indent=2)
+    log(f"{out}: {n_train:,} train and {n_tokens - n_train:,} val ids, vocabulary of {vocab_size} ({tokenizer})")
+
+
+def read_meta(data_dir):
+    """meta.json, or for a nanoGPT data folder without one, GPT-2's BPE (its default tokenizer)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        log(f"note: {data_dir} has no meta.json; assuming GPT-2 BPE ids (vocabulary of 50257)")
+        return {"tokenizer": "gpt2", "vocab_size": 50257}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ensure_data(data_dir, data_url):
+    """A data folder with train.bin; when it has none, `data_url` is downloaded into it and
+    prepared with the bytes tokenizer."""
+    if os.path.isfile(os.path.join(data_dir, "train.bin")):
+        return
+    if not data_url:
+        raise UserError(f"{data_dir} has no train.bin: run `python train_jax.py prepare --input FILE --out {data_dir}`")
+    text = os.path.join(data_dir, "input.txt")
+    if not os.path.isfile(text):
+        log(f"downloading {data_url} to {text}")
+        os.makedirs(data_dir, exist_ok=True)
+        download_file(data_url, text)
+    prepare(input=text, out=data_dir, tokenizer="bytes")
+
+
+def load_split(data_dir, split, block_size, n_vocab):
+    """The ids of train.bin or val.bin, memory-mapped, checked to hold a block and fit the vocabulary."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: prepare the data again (python train_jax.py prepare ...)")
+    ids = np.memmap(path, np.uint16, "r")
+    if len(ids) < block_size + 1:
+        raise UserError(
+            f"{path} has {len(ids)} ids, too short for one block of --block_size {block_size} (+1 target): "
+            f"lower --block_size or give more text"
+        )
+    if (largest := int(ids.max())) >= n_vocab:
+        raise UserError(
+            f"{path} holds id {largest}, outside the model's vocabulary of {n_vocab}: prepare the data with the "
+            f"model's tokenizer or raise --vocab_size"
+        )
+    return ids
+
+
+def batch_offsets(seed, stream, index, shape, n_ids, block_size):
+    """Where the blocks of one batch start: a pure function of (seed, stream, index)."""
+    return np.random.default_rng([seed, stream, index]).integers(0, n_ids - block_size, shape)
+
+
+def get_batch(ids, offsets, block_size):  # [...] -> inputs, targets [..., block_size]
+    window = offsets[..., None] + np.arange(block_size + 1)  # [..., block_size + 1]
+    block = ids[window].astype(np.int32)
+    return block[..., :-1], block[..., 1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, loss and the train step
+
+
+def rule_tree(params, rules):
+    """A tree like `params` holding, for each leaf, the value of the first rule whose regex
+    matches its path (the same mechanism as sharding rules)."""
+    flat = {path: next(value for pattern, value in rules if re.search(pattern, path)) for path in flatten(params)}
+    return unflatten(flat, len(params["blocks"]))
+
+
+def init_param(path, shape, rng, n_layer):
+    """GPT-2's init: unit LayerNorm gains, zero biases, normal(0, 0.02) weights, with the residual
+    output projections (c_proj/w) scaled by 1/sqrt(2*n_layer)."""
+    if path.endswith("/g"):
+        return np.ones(shape, np.float32)
+    if path.endswith("/b"):
+        return np.zeros(shape, np.float32)
+    std = INIT_STD / math.sqrt(2 * n_layer) if path.endswith("c_proj/w") else INIT_STD
+    return std * rng.standard_normal(shape, np.float32)
+
+
+def init_params(hparams, seed):
+    """float32 NumPy params of the hparams' shape, a pure function of the seed."""
+    rng = np.random.default_rng(seed)
+    flat = {path: init_param(path, shape, rng, hparams["n_layer"]) for path, shape in expected_shapes(hparams).items()}
+    return unflatten(flat, hparams["n_layer"])
+
+
+def n_params(params):
+    return sum(int(np.prod(a.shape)) for a in flatten(params).values())
+
+
+def flops_per_token(params, n_layer, n_embd, block_size):
+    """nanoGPT's (PaLM's) estimate: 6N for the matmuls forward and back (N without wpe, which is a
+    lookup) plus 12 * n_layer * n_embd * block_size for attention."""
+    return 6 * (n_params(params) - params["wpe"].size) + 12 * n_layer * n_embd * block_size
+
+
+def cross_entropy(logits, targets):  # [..., n_vocab], [...] -> []
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_fn(params, inputs, targets, key, n_head, rate, dtype):  # [batch, n_seq] x2 -> []
+    """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
+    weights' precision (float32)."""
+    import jax
+
+    compute = jax.tree.map(lambda p: p.astype(dtype), params)
+    forward = lambda x, k: gpt2(x, **compute, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
+    keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
+    logits = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_vocab]
+    return cross_entropy(logits.astype(params["wte"].dtype), targets)
+
+
+def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip):
+    """Global-norm clipping, then AdamW with linear warmup and cosine decay to min_lr; weight decay
+    only where DECAY_RULES say."""
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=learning_rate / (warmup_iters + 1),  # as nanoGPT: step 0 already learns
+        peak_value=learning_rate,
+        warmup_steps=warmup_iters,
+        decay_steps=max(lr_decay_iters, warmup_iters + 1),
+        end_value=min_lr,
+    )
+    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=rule_tree(params, DECAY_RULES))
+    return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), adamw), schedule
+
+
+def init_state(params, optimizer, seed):
+    import jax
+
+    return {"params": params, "opt_state": optimizer.init(params), "key": jax.random.PRNGKey(seed)}
+
+
+def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # inputs, targets [grad_accum, batch, n_seq]
+    """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, loss)."""
+    import jax
+    import optax
+
+    key, step_key = jax.random.split(state["key"])
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def accumulate(grad_sum, micro_batch):
+        x, y, micro_key = micro_batch
+        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype)
+        return jax.tree.map(jax.numpy.add, grad_sum, grads), loss
+
+    n_micro = inputs.shape[0]
+    zeros = jax.tree.map(jax.numpy.zeros_like, state["params"])
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, (inputs, targets, jax.random.split(step_key, n_micro)))
+    grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "key": key}, losses.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: OUT_DIR/config.json, the vocabulary, and orbax steps in OUT_DIR/checkpoints
+
+
+def checkpoint_manager(out_dir, keep):
+    """Keeps the last `keep` steps and the step with the lowest val loss."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+    val_loss = lambda metrics: metrics["val_loss"]
+    best = BestN(get_metric_fn=val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False)
+    options = ocp.CheckpointManagerOptions(
+        best_fn=val_loss,
+        best_mode="min",
+        preservation_policy=AnyPreservationPolicy([LatestN(n=keep), best]),
+        enable_async_checkpointing=False,  # the next step donates the state's buffers
+    )
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options)
+
+
+def save_checkpoint(manager, step, state, seed, val_loss):
+    import orbax.checkpoint as ocp
+
+    loader = {"seed": seed, "next_batch": step}  # the batch of step s is drawn from (seed, s)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader))
+    manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": val_loss})
+
+
+def restore_checkpoint(manager, step, target):
+    """(state, loader) of `step`, shaped like the `target` state."""
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
+    return restored["state"], restored["loader"]
+
+
+def read_config(out_dir):
+    path = os.path.join(out_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{out_dir} holds no training run ({CONFIG_FILE} is missing): give the --out_dir of a run")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_config(out_dir, flags, hparams, vocab_dir):
+    """The run's flags and model shape, and the vocabulary files, beside its checkpoints."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in VOCAB_FILES:
+        if os.path.abspath(vocab_dir) != os.path.abspath(out_dir):
+            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump({"flags": flags, "hparams": hparams}, f, indent=2)
+
+
+def check_resume(out_dir, flags):
+    """The run's flags must be the saved ones, but for those that do not change the math."""
+    saved = read_config(out_dir)["flags"]
+    changed = [k for k in flags if k not in RESUMABLE_FLAGS and saved.get(k) != flags[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume: --{k} is {flags[k]!r} but the run in {out_dir} used {saved.get(k)!r}; repeat its flags")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+def check_flags(flags):
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
+                 "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep"):  # fmt: skip
+        check_positive_int(flags[name], name)
+    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "seed"):
+        if type(flags[name]) is not int or flags[name] < 0:
+            raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+        if type(flags[name]) not in (int, float) or flags[name] < 0:
+            raise UserError(f"--{name} must be a number >= 0, got {flags[name]!r}")
+    for name in ("dropout", "beta1", "beta2"):
+        if type(flags[name]) not in (int, float) or not 0 <= flags[name] < 1:
+            raise UserError(f"--{name} must be a number in [0, 1), got {flags[name]!r}")
+    if flags["n_embd"] % flags["n_head"]:
+        raise UserError(f"--n_embd {flags['n_embd']} must be a multiple of --n_head {flags['n_head']}")
+    if flags["dtype"] not in DTYPES:
+        raise UserError(f"unknown --dtype {flags['dtype']!r}: use {' or '.join(DTYPES)}")
+    return {**flags, "lr_decay_iters": flags["lr_decay_iters"] or flags["max_iters"]}
+
+
+def initial_model(flags, meta):
+    """(hparams, NumPy params, vocab_dir): GPT-2's init for the flags' shape, or a checkpoint to fine-tune."""
+    if flags["init_from"] == "scratch":
+        n_vocab = flags["vocab_size"] or meta["vocab_size"]
+        if n_vocab < meta["vocab_size"]:
+            raise UserError(f"--vocab_size {n_vocab} is smaller than the data's vocabulary of {meta['vocab_size']}")
+        hparams = {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
+        has_vocab = all(os.path.isfile(os.path.join(flags["data_dir"], name)) for name in VOCAB_FILES)
+        vocab_dir = flags["data_dir"] if has_vocab else gpt2_vocab(os.path.join(flags["models_dir"], "124M"))
+        return hparams, init_params(hparams, flags["seed"]), vocab_dir
+    model_dir = resolve_model_dir(flags["init_from"], flags["models_dir"])
+    _, hparams, params = load_encoder_hparams_and_params(model_dir)
+    if flags["block_size"] > hparams["n_ctx"]:
+        raise UserError(f"--block_size {flags['block_size']} exceeds the n_ctx {hparams['n_ctx']} of {flags['init_from']}")
+    data_vocab = os.path.join(flags["data_dir"], "encoder.json")
+    if os.path.isfile(data_vocab) and read_bytes(data_vocab) != read_bytes(os.path.join(model_dir, "encoder.json")):
+        raise UserError(f"{flags['data_dir']} was not tokenized with {flags['init_from']}'s vocabulary: prepare it with --tokenizer gpt2")
+    return hparams, params, model_dir
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def matmul_flops(n=2048, repeats=3):
+    """The float32 FLOP/s of an n x n matmul here (best of `repeats`): the peak MFU is measured against."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        seconds.append(time.perf_counter() - t)
+    return 2 * n**3 / min(seconds)
+
+
+def estimate_loss(eval_loss, params, batches):
+    """The mean loss over fixed batches ([eval_iters, batch, n_seq] inputs and targets)."""
+    return float(np.mean([eval_loss(params, x, y) for x, y in zip(*batches)]))
+
+
+def fit(flags):
+    """Train with checked flags (see `train`); returns a summary: the final state, best val loss and
+    its step, the loss of every logged step, the mean ms per step and tokens per second."""
+    import functools
+
+    import jax
+    from tqdm import tqdm
+
+    flags = check_flags(flags)
+    data_dir, out_dir, seed, block_size = flags["data_dir"], flags["out_dir"], flags["seed"], flags["block_size"]
+    ensure_data(data_dir, flags["data_url"])
+    hparams, params, vocab_dir = initial_model(flags, read_meta(data_dir))
+    params = jax.device_put(params)
+    train_ids = load_split(data_dir, "train", block_size, hparams["n_vocab"])
+    val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
+    optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    state = init_state(params, optimizer, seed)
+    manager = checkpoint_manager(out_dir, flags["keep"])
+    start = 0
+    if flags["resume"]:
+        check_resume(out_dir, flags)
+        if manager.latest_step() is None:
+            raise UserError(f"--resume: {out_dir} has no checkpoint yet; run without --resume")
+        state, loader = restore_checkpoint(manager, manager.latest_step(), state)
+        start = loader["next_batch"]
+        log(f"resuming {out_dir} at step {start}")
+    elif manager.latest_step() is not None:
+        raise UserError(f"{out_dir} already holds checkpoints: add --resume to continue, or give another --out_dir")
+    else:
+        write_config(out_dir, flags, hparams, vocab_dir)
+
+    n_head, batch_shape, dtype = hparams["n_head"], (flags["grad_accum"], flags["batch_size"]), flags["dtype"]
+    step_args = dict(optimizer=optimizer, n_head=n_head, rate=float(flags["dropout"]), dtype=dtype)
+    step_fn = jax.jit(functools.partial(train_step, **step_args), donate_argnums=0)
+    eval_loss = jax.jit(functools.partial(loss_fn, key=None, n_head=n_head, rate=0.0, dtype=dtype))
+    eval_shape = (flags["eval_iters"], flags["batch_size"])
+    eval_batches = {
+        split: get_batch(ids, batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size), block_size)
+        for split, ids in (("train", train_ids), ("val", val_ids))
+    }
+    tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
+    flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
+    peak = flags["peak_flops"] or matmul_flops()
+    log(f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, matmul peak {peak / 1e9:.0f} GFLOP/s")
+    with tqdm(desc="compiling the train step", total=1, leave=False) as bar:
+        inputs, targets = get_batch(train_ids, batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size), block_size)
+        step_fn = step_fn.lower(state, inputs, targets).compile()
+        bar.update()
+
+    losses, best, timed_steps, timed_seconds = {}, (math.inf, None), 0, 0.0
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm(desc="training", initial=start, total=flags["max_iters"], unit="step", dynamic_ncols=True)
+    for step in range(start, flags["max_iters"]):
+        offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, len(train_ids), block_size)
+        inputs, targets = get_batch(train_ids, offsets, block_size)  # [grad_accum, batch, block_size] each
+        state, loss = step_fn(state, inputs, targets)
+        done, window_steps = step + 1, window_steps + 1
+        bar.update()
+        last = done == flags["max_iters"]
+        saving = done % flags["ckpt_interval"] == 0 or last
+        evaluating = done % flags["eval_interval"] == 0 or saving  # every checkpoint has its val loss
+        if done % flags["log_interval"] == 0 or evaluating or saving:
+            losses[done] = float(loss)  # waits for the step
+            seconds = time.perf_counter() - window_start
+            timed_steps, timed_seconds = timed_steps + window_steps, timed_seconds + seconds
+            step_s = seconds / window_steps
+            bar.set_postfix_str(
+                f"loss {losses[done]:.4f}, lr {float(schedule(step)):.2e}, {step_s * 1e3:.1f} ms/step, "
+                f"{tokens_per_step / step_s:,.0f} tok/s, MFU {flops_per_step / step_s / peak:.1%}"
+            )
+            window_steps = 0
+        val_loss = None
+        if evaluating:
+            train_loss = estimate_loss(eval_loss, state["params"], eval_batches["train"])
+            val_loss = estimate_loss(eval_loss, state["params"], eval_batches["val"])
+            best = min(best, (val_loss, done))
+            tqdm.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
+        if saving or (evaluating and best[1] == done):
+            save_checkpoint(manager, done, state, seed, val_loss)
+        window_start = time.perf_counter()
+    bar.close()
+    manager.close()
+    summary = {"state": state, "losses": losses, "best_val_loss": best[0], "best_step": best[1]}
+    if timed_steps:
+        summary.update(ms_per_step=1e3 * timed_seconds / timed_steps, tokens_per_s=tokens_per_step * timed_steps / timed_seconds)
+        log(f"{summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s over {timed_steps} steps")
+    log(f"best val loss {best[0]:.4f} at step {best[1]}; checkpoints in {os.path.join(out_dir, 'checkpoints')}")
+    return summary
+
+
+def train(
+    data_dir="data/shakespeare_char",
+    data_url=SHAKESPEARE_URL,
+    out_dir="out/shakespeare_char",
+    init_from="scratch",
+    models_dir="models",
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block_size=64,
+    vocab_size=0,
+    dropout=0.0,
+    batch_size=12,
+    grad_accum=1,
+    max_iters=2000,
+    learning_rate=1e-3,
+    min_lr=1e-4,
+    warmup_iters=100,
+    lr_decay_iters=0,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    eval_interval=250,
+    eval_iters=20,
+    log_interval=10,
+    ckpt_interval=250,
+    keep=3,
+    resume=False,
+    seed=1337,
+    dtype="float32",
+    peak_flops=0.0,
+):
+    """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export).
+
+    Args:
+      data_dir: a folder from `prepare` (train.bin, val.bin, meta.json, encoder.json, vocab.bpe).
+      data_url: when data_dir has no train.bin, this text is downloaded into it and prepared with the
+        bytes tokenizer (the default: Tiny Shakespeare); '' to require prepared data.
+      out_dir: where config.json, the vocabulary and the orbax checkpoints go.
+      init_from: scratch (GPT-2 init), or 124M, 355M, 774M, 1558M or a checkpoint folder to fine-tune.
+      models_dir: where released models are kept.
+      n_layer: transformer blocks (scratch).
+      n_head: attention heads (scratch).
+      n_embd: embedding width (scratch).
+      block_size: tokens per training sequence (scratch: also n_ctx).
+      vocab_size: 0 for the data's vocabulary, or a larger one (scratch).
+      dropout: dropout rate on embeddings, attention and residuals.
+      batch_size: sequences per micro-batch.
+      grad_accum: micro-batches per optimizer step.
+      max_iters: optimizer steps.
+      learning_rate: the peak learning rate, reached after warmup_iters.
+      min_lr: the learning rate at the end of the cosine decay.
+      warmup_iters: steps of linear warmup.
+      lr_decay_iters: the step the cosine decay reaches min_lr (0: max_iters).
+      weight_decay: AdamW's decoupled weight decay, on 2-D weight matrices only.
+      beta1: AdamW's beta1.
+      beta2: AdamW's beta2.
+      grad_clip: clip gradients to this global norm (0: no clipping).
+      eval_interval: steps between evaluations of train and val loss.
+      eval_iters: batches per evaluation.
+      log_interval: steps between log lines (loss, ms/step, tokens/s, MFU).
+      ckpt_interval: steps between checkpoints (also at the end, and at every new best val loss).
+      keep: how many of the latest checkpoints to keep (the best is always kept).
+      resume: continue the run in out_dir from its latest checkpoint (with the same flags).
+      seed: the seed of init, data order and dropout.
+      dtype: float32, or bfloat16 (compute; the master weights stay float32).
+      peak_flops: the FLOP/s MFU is relative to (0: measure a 2048x2048 float32 matmul).
+    """
+    fit(dict(locals()))
+
+
+def export(ckpt_dir="out/shakespeare_char", out=None, step=None):
+    """Write a training run's checkpoint as a release-layout model folder for `gpt2.py --model_size`.
+
+    Args:
+      ckpt_dir: the --out_dir of a training run.
+      out: the model folder to write.
+      step: the step to export (default: the best val loss, else the latest).
+    """
+    import jax
+
+    if out is None:
+        raise UserError("give the model folder to write: --out MODEL_DIR")
+    config = read_config(ckpt_dir)
+    manager = checkpoint_manager(ckpt_dir, config["flags"]["keep"])
+    step = manager.best_step() if step is None else step
+    if step not in manager.all_steps():
+        raise UserError(f"{ckpt_dir} has no checkpoint of step {step!r}; it has {list(manager.all_steps())}")
+    flags, hparams = config["flags"], config["hparams"]
+    optimizer, _ = make_optimizer(jax.eval_shape(lambda: init_params(hparams, 0)), **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    target = jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
+    state, _ = restore_checkpoint(manager, step, target)
+    n_vocab = len(load_encoder(ckpt_dir).encoder)  # a padded --vocab_size is cut back to the vocabulary
+    params = {**jax.tree.map(np.asarray, state["params"]), "wte": np.asarray(state["params"]["wte"])[:n_vocab]}
+    save_gpt2_checkpoint(params, {**hparams, "n_vocab": n_vocab}, str(out), ckpt_dir)
+    log(f"exported step {step} of {ckpt_dir} to {out}: python gpt2.py \"...\" --model_size {out}")
+
+
+def default_flags(**overrides):
+    """`train`'s flags with their defaults, updated by `overrides`."""
+    import inspect
+
+    return {**{name: p.default for name, p in inspect.signature(train).parameters.items()}, **overrides}
+
+
+COMMANDS = {"train": train, "prepare": prepare, "export": export}
+
+
+def cli(argv=None):
+    """`train_jax [train|prepare|export] --flags`; without a command, train."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else train
+    run_cli(command, argv)
+
+
+if __name__ == "__main__":
+    cli()
