@@ -54,9 +54,9 @@ class Encoder:
         self.eot_token = encoder.get(EOT)
         self.split = regex.compile(SPLIT_PATTERN)
         self.fast = tiktoken_encoding(encoder) if fast else None
+        self.bpe = functools.lru_cache(maxsize=2**16)(self.merge)  # per encoder: dies with it
 
-    @functools.lru_cache(maxsize=2**16)
-    def bpe(self, word):
+    def merge(self, word):
         """Merge the symbols of one pre-token, lowest merge rank first, until no pair merges."""
         symbols = list(word)
         while len(symbols) > 1:

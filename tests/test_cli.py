@@ -10,7 +10,6 @@ import pytest
 from conftest import PROMPT, ROOT, one_line_error
 from tf_reference import reference_greedy
 
-import gpt2
 import utils
 from encoder import load_encoder
 
