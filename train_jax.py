@@ -21,6 +21,7 @@ import numpy as np
 
 from encoder import bytes_to_unicode, load_encoder
 from gpt2 import gpt2
+from sharding import match_rules
 from utils import (
     VOCAB_FILES,
     UserError,
@@ -254,13 +255,6 @@ def get_batch(ids, offsets, block_size):  # [...] -> inputs, targets [..., block
 # Model, loss and the train step
 
 
-def rule_tree(params, rules):
-    """A tree like `params` holding, for each leaf, the value of the first rule whose regex
-    matches its path (the same mechanism as sharding rules)."""
-    flat = {path: next(value for pattern, value in rules if re.search(pattern, path)) for path in flatten(params)}
-    return unflatten(flat, len(params["blocks"]))
-
-
 def init_param(path, shape, rng, n_layer):
     """GPT-2's init: unit LayerNorm gains, zero biases, normal(0, 0.02) weights, with the residual
     output projections (c_proj/w) scaled by 1/sqrt(2*n_layer)."""
@@ -319,7 +313,7 @@ def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, 
         decay_steps=max(lr_decay_iters, warmup_iters + 1),
         end_value=min_lr,
     )
-    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=rule_tree(params, DECAY_RULES))
+    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=match_rules(DECAY_RULES, params))
     return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), adamw), schedule
 
 
