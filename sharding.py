@@ -86,6 +86,17 @@ def parse_mesh(spec, devices):
     return Mesh(mesh_utils.create_device_mesh([sizes[axis] for axis in AXES], devices), AXES)
 
 
+def device_mesh(spec):
+    """The mesh of `spec` over all the job's devices; without a spec, the first device alone."""
+    import jax
+
+    if spec:
+        return parse_mesh(spec, jax.devices())
+    if jax.process_count() > 1:
+        raise UserError(f"this job has {jax.device_count()} devices in {jax.process_count()} processes: give --mesh, e.g. --mesh dp=-1")
+    return parse_mesh("dp=1", jax.devices()[:1])
+
+
 def check_fits(mesh, hparams, batch_size=None):
     """The model's heads (and so its widths) split evenly over tp, the batch over dp * fsdp."""
     tp, n_head = mesh.shape["tp"], hparams["n_head"]
@@ -171,10 +182,12 @@ def initialize_distributed(coordinator_address="", num_processes=1, process_id=0
     environment (a TPU pod slice, SLURM, Open MPI); run alone when there is none."""
     import jax
 
+    if jax.distributed.is_initialized():
+        return
     if not coordinator_address:
         try:
             jax.distributed.initialize()
-        except ValueError:  # no cluster in the environment: a single process
+        except (ValueError, RuntimeError):  # no cluster in the environment, or JAX already running here
             pass
         return
     if not re.fullmatch(r"[^\s:]+:\d+", str(coordinator_address)):
