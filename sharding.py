@@ -116,12 +116,13 @@ def check_fits(mesh, hparams, batch_size=None):
 
 
 def partition_spec(spec, shape, mesh_shape):
-    """The rule's spec fitted to an array of `shape`: an axis that does not divide its dimension is
-    dropped (that dimension is replicated), then fsdp takes the largest free dimension it divides."""
+    """The rule's spec fitted to an array of `shape`: an axis of size 1, or one that does not divide
+    its dimension, is dropped (that dimension is replicated), then fsdp takes the largest free
+    dimension it divides."""
     from jax.sharding import PartitionSpec
 
     spec = [*spec, *[None] * (len(shape) - len(spec))]
-    spec = [axis if axis is None or size % mesh_shape[axis] == 0 else None for axis, size in zip(spec, shape)]
+    spec = [axis if axis and mesh_shape[axis] > 1 and size % mesh_shape[axis] == 0 else None for axis, size in zip(spec, shape)]
     free = [i for i, (axis, size) in enumerate(zip(spec, shape)) if axis is None and size % mesh_shape["fsdp"] == 0]
     if mesh_shape["fsdp"] > 1 and free:
         spec[max(free, key=lambda i: shape[i])] = "fsdp"
