@@ -167,6 +167,15 @@ def place(tree, shardings):
     return jax.tree.map(to_device, tree, shardings)
 
 
+def sharded_params(params, spec, hparams, dtype):
+    """Host params placed on the mesh of `spec` by the partition rules, then cast to `dtype`."""
+    import jax
+
+    mesh = device_mesh(spec)
+    check_fits(mesh, hparams)
+    return jax.tree.map(lambda a: a.astype(dtype), place(params, param_shardings(params, mesh)))
+
+
 def process_rows(sharding, shape, axis):
     """The slice of `axis` this process's devices hold (one range: the mesh keeps a process's
     devices together, with tp innermost)."""

@@ -147,3 +147,25 @@ def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir
     for (losses,) in per_process:
         assert losses == pytest.approx(expected, rel=1e-5)
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "5")  # orbax saved across the processes
+
+
+@pytest.mark.parametrize("mesh, prompts", [("fsdp=2,tp=4", [PROMPT]), ("dp=2,fsdp=4", [PROMPT, "Hello, my name is"])])
+def test_generation_under_a_mesh_writes_the_unsharded_text(mesh, prompts, tf_model, capsys):
+    import gpt2
+
+    args = [*prompts, "--model_size", tf_model[0], "--n_tokens_to_generate", "12", "--nostop_at_eot"]
+    gpt2.cli(args)
+    expected = capsys.readouterr().out
+    done = subprocess.run([sys.executable, "gpt2.py", *args, "--mesh", mesh], cwd=ROOT, env=device_env(8), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == expected and len(expected.strip()) > len(prompts) * 12
+
+
+def test_generation_mesh_errors_are_one_line(tf_model):
+    done = subprocess.run(
+        [sys.executable, "gpt2.py", PROMPT, "--model_size", tf_model[0], "--mesh", "tp=8"], cwd=ROOT, env=device_env(8), capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"
+    )
