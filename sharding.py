@@ -151,6 +151,17 @@ def state_shardings(state, optimizer, mesh):
     return {"params": params, "opt_state": opt_state, "key": replicated}
 
 
+def gathered(shardings):
+    """The shardings weights are computed with: fsdp's slices gathered (and so their gradients
+    reduce-scattered), tp's split kept. Left to itself, XLA splits the activations along the
+    weights' fsdp dimension instead, which sends several times the weights' bytes."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    drop_fsdp = lambda s: NamedSharding(s.mesh, PartitionSpec(*[None if axis == "fsdp" else axis for axis in s.spec]))
+    return jax.tree.map(drop_fsdp, shardings)
+
+
 def batch_sharding(mesh, ndim, axis):
     """Arrays of `ndim` dimensions split along `axis` over (dp, fsdp)."""
     from jax.sharding import NamedSharding, PartitionSpec

@@ -20,7 +20,7 @@ import numpy as np
 
 from encoder import bytes_to_unicode, load_encoder
 from gpt2 import gpt2
-from sharding import batch_sharding, check_fits, device_mesh, initialize_distributed, match_rules, place, process_rows, state_shardings
+from sharding import batch_sharding, check_fits, device_mesh, gathered, initialize_distributed, match_rules, place, process_rows, state_shardings
 from utils import (
     VOCAB_FILES,
     UserError,
@@ -299,12 +299,14 @@ def cross_entropy(logits, targets):  # [..., n_vocab], [...] -> []
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def loss_fn(params, inputs, targets, key, n_head, rate, dtype):  # [batch, n_seq] x2 -> []
+def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
-    weights' precision (float32)."""
+    weights' precision (float32). On a mesh, the weights are used with `compute_shardings`."""
     import jax
 
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
+    if compute_shardings is not None:
+        compute = jax.lax.with_sharding_constraint(compute, compute_shardings)
     forward = lambda x, k: gpt2(x, **compute, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
     keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
     logits = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_vocab]
@@ -344,7 +346,7 @@ def init_sharded_state(params, optimizer, seed, mesh):
     return jax.jit(init, out_shardings=shardings, donate_argnums=0)(placed), shardings
 
 
-def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # inputs, targets [grad_accum, batch, n_seq]
+def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None):  # inputs, targets [grad_accum, batch, n_seq]
     """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, loss)."""
     import jax
     import optax
@@ -354,7 +356,7 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # input
 
     def accumulate(grad_sum, micro_batch):
         x, y, micro_key = micro_batch
-        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype)
+        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype, compute_shardings)
         return jax.tree.map(jax.numpy.add, grad_sum, grads), loss
 
     n_micro = inputs.shape[0]
@@ -372,7 +374,7 @@ def jit_train_step(shardings, batch, **step_args):
 
     import jax
 
-    step = functools.partial(train_step, **step_args)
+    step = functools.partial(train_step, **step_args, compute_shardings=gathered(shardings["params"]))
     return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch, batch), out_shardings=(shardings, shardings["key"]))
 
 
