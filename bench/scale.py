@@ -1,6 +1,6 @@
 """What each mesh costs for one 124M train step, read from the compiled step: no cluster needed.
 
-    python bench/scale.py [--block_size 1024] [--batch_size 8] [--meshes "dp=8 fsdp=8"]
+    python bench/scale.py [--block_size 1024] [--batch_size 8] [--n_vocab 50304] [--meshes "dp=8 fsdp=8"]
 
 On a machine without accelerators JAX fakes 8 CPU devices. For each mesh the step is compiled (not
 run) with train_jax's shardings, and the table shows, per device:
@@ -27,6 +27,7 @@ import train_jax  # noqa: E402
 from sharding import batch_sharding, device_mesh, state_shardings  # noqa: E402
 
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+PADDED_VOCAB = 50304  # nanoGPT's: a multiple of 64, so tp splits wte (50257 divides by no tp; wte is then replicated over tp)
 MESHES = ("", "dp=8", "fsdp=8", "dp=2,tp=4", "fsdp=4,tp=2", "dp=2,fsdp=2,tp=2")
 OPTIMIZER = dict(learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, lr_decay_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\((.*)")
@@ -84,10 +85,10 @@ def compiled_step(hparams, spec, batch_size, block_size):
     return step.lower(state, tokens, tokens).compile(), mesh.size
 
 
-def main(block_size=1024, batch_size=8, meshes=MESHES):
+def main(block_size=1024, batch_size=8, n_vocab=PADDED_VOCAB, meshes=MESHES):
     """Print the per-device memory and communication of one 124M train step under each mesh."""
     meshes = meshes.split() if isinstance(meshes, str) else meshes
-    hparams = {**GPT2_124M, "n_ctx": block_size}
+    hparams = {**GPT2_124M, "n_ctx": block_size, "n_vocab": n_vocab}
     print(f"GPT-2 124M (n_vocab {hparams['n_vocab']}), batch {batch_size} x {block_size} tokens, AdamW float32; per device:")
     print(f"{'mesh':<18}{'devices':>8}{'state MiB':>11}{'temp MiB':>10}{'comm MiB':>10}{'all-reduce':>12}{'all-gather':>12}{'red-scatter':>12}{'all-to-all':>12}{'permute':>9}{'GFLOP':>8}")
     for spec in meshes:
