@@ -15,8 +15,6 @@ knows nothing of devices.
 import math
 import re
 
-import numpy as np
-
 from utils import UserError, flatten, unflatten
 
 AXES = ("dp", "fsdp", "tp")
@@ -58,7 +56,9 @@ def mesh_sizes(spec, n_devices):
         axis, _, size = part.partition("=")
         axis = axis.strip()
         if axis not in AXES:
-            raise UserError(f"unknown mesh axis {axis!r} in --mesh {spec}: the axes are dp, fsdp and tp, e.g. --mesh {MESH_EXAMPLE}")
+            raise UserError(
+                f"unknown mesh axis {axis!r} in --mesh {spec}: the axes are dp, fsdp and tp, e.g. --mesh {MESH_EXAMPLE}"
+            )
         if not re.fullmatch(r"\s*(-1|[1-9]\d*)\s*", size):
             raise UserError(f"--mesh {spec}: give {axis} a positive number of devices (or -1 for the rest), e.g. {axis}=2")
         sizes[axis] = int(size)
@@ -93,7 +93,8 @@ def device_mesh(spec):
     if spec:
         return parse_mesh(spec, jax.devices())
     if jax.process_count() > 1:
-        raise UserError(f"this job has {jax.device_count()} devices in {jax.process_count()} processes: give --mesh, e.g. --mesh dp=-1")
+        n_devices, n_processes = jax.device_count(), jax.process_count()
+        raise UserError(f"this job has {n_devices} devices in {n_processes} processes: give --mesh, e.g. --mesh dp=-1")
     return parse_mesh("dp=1", jax.devices()[:1])
 
 
@@ -134,7 +135,8 @@ def param_shardings(params, mesh, rules=PARTITION_RULES):
     from jax.sharding import NamedSharding
 
     specs = flatten(match_rules(rules, params))
-    flat = {path: NamedSharding(mesh, partition_spec(specs[path], leaf.shape, mesh.shape)) for path, leaf in flatten(params).items()}
+    spec = lambda path, leaf: partition_spec(specs[path], leaf.shape, mesh.shape)
+    flat = {path: NamedSharding(mesh, spec(path, leaf)) for path, leaf in flatten(params).items()}
     return unflatten(flat, len(params["blocks"]))
 
 

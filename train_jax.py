@@ -20,7 +20,17 @@ import numpy as np
 
 from encoder import bytes_to_unicode, load_encoder
 from gpt2 import gpt2
-from sharding import batch_sharding, check_fits, device_mesh, gathered, initialize_distributed, match_rules, place, process_rows, state_shardings
+from sharding import (
+    batch_sharding,
+    check_fits,
+    device_mesh,
+    gathered,
+    initialize_distributed,
+    match_rules,
+    place,
+    process_rows,
+    state_shardings,
+)
 from utils import (
     VOCAB_FILES,
     UserError,
@@ -551,19 +561,21 @@ def fit(flags):
     step_args = dict(optimizer=optimizer, n_head=n_head, rate=float(flags["dropout"]), dtype=dtype)
     batch, eval_batch = batch_sharding(mesh, 3, axis=1), batch_sharding(mesh, 2, axis=0)
     step_fn = jit_train_step(shardings, batch, **step_args)
-    eval_loss = jax.jit(
-        functools.partial(loss_fn, key=None, n_head=n_head, rate=0.0, dtype=dtype),
-        in_shardings=(shardings["params"], eval_batch, eval_batch),
-    )
+    eval_args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, compute_shardings=gathered(shardings["params"]))
+    eval_loss = jax.jit(functools.partial(loss_fn, **eval_args), in_shardings=(shardings["params"], eval_batch, eval_batch))
     eval_shape = (flags["eval_iters"], flags["batch_size"])
+    eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size)  # [eval_iters, batch]
     eval_batches = {
-        split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size)]
+        split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
     tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
     peak = (flags["peak_flops"] or matmul_flops()) * mesh.size
-    say(f"{mesh.size} device(s), mesh {dict(mesh.shape)}; {n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, matmul peak {peak / 1e9:.0f} GFLOP/s")
+    say(
+        f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
     with tqdm(desc="compiling the train step", total=1, leave=False, disable=not main_process) as bar:
         offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)

@@ -29,7 +29,9 @@ from sharding import batch_sharding, device_mesh, state_shardings  # noqa: E402
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 PADDED_VOCAB = 50304  # nanoGPT's: a multiple of 64, so tp splits wte (50257 divides by no tp; wte is then replicated over tp)
 MESHES = ("", "dp=8", "fsdp=8", "dp=2,tp=4", "fsdp=4,tp=2", "dp=2,fsdp=2,tp=2")
-OPTIMIZER = dict(learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, lr_decay_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+OPTIMIZER = dict(
+    learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, lr_decay_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0
+)  # nanoGPT's for GPT-2 124M
 COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\((.*)")
 ARRAY_TYPE = re.compile(r"\b(pred|bf16|[fsu]\d+)\[([\d,]*)\]")
 RING_SHARE = {  # bytes a device sends, per byte of the collective's result, in a group of n
@@ -90,14 +92,15 @@ def main(block_size=1024, batch_size=8, n_vocab=PADDED_VOCAB, meshes=MESHES):
     meshes = meshes.split() if isinstance(meshes, str) else meshes
     hparams = {**GPT2_124M, "n_ctx": block_size, "n_vocab": n_vocab}
     print(f"GPT-2 124M (n_vocab {hparams['n_vocab']}), batch {batch_size} x {block_size} tokens, AdamW float32; per device:")
-    print(f"{'mesh':<18}{'devices':>8}{'state MiB':>11}{'temp MiB':>10}{'comm MiB':>10}{'all-reduce':>12}{'all-gather':>12}{'red-scatter':>12}{'all-to-all':>12}{'permute':>9}{'GFLOP':>8}")
+    columns = ("all-reduce", "all-gather", "red-scatter", "all-to-all", "permute")
+    print(f"{'mesh':<18}{'devices':>8}{'state MiB':>11}{'temp MiB':>10}{'comm MiB':>10}" + "".join(f"{c:>12}" for c in columns) + f"{'GFLOP':>8}")
     for spec in meshes:
         compiled, n_devices = compiled_step(hparams, spec, batch_size, block_size)
         memory = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         sent = sent_bytes(compiled.as_text(), n_devices)
-        by_op = "".join(f"{sent[op] / MiB:>{width}.1f}" for op, width in zip(RING_SHARE, (12, 12, 12, 12, 9)))
+        by_op = "".join(f"{sent[op] / MiB:>12.1f}" for op in RING_SHARE)
         print(
             f"{spec or '(one device)':<18}{n_devices:>8}{memory.argument_size_in_bytes / MiB:>11.1f}"
             f"{memory.temp_size_in_bytes / MiB:>10.1f}{sum(sent.values()) / MiB:>10.1f}{by_op}{cost['flops'] / 1e9:>8.0f}",

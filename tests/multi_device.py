@@ -12,7 +12,9 @@ import train_jax
 from utils import UserError, flatten
 
 HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2}  # every width divides by 8
-OPTIMIZER = dict(learning_rate=1e-2, min_lr=1e-3, warmup_iters=0, lr_decay_iters=10, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+OPTIMIZER = dict(
+    learning_rate=1e-2, min_lr=1e-3, warmup_iters=0, lr_decay_iters=10, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0
+)
 BATCH_SHAPE = (2, 8, 16)  # [grad_accum, batch, n_seq]
 
 
@@ -90,7 +92,8 @@ def fsdp_bytes(spec):
 
 def fit_losses(runs):
     """For each run's flags in turn, the losses train_jax.fit logs, by step."""
-    return [{str(step): loss for step, loss in train_jax.fit(train_jax.default_flags(**flags))["losses"].items()} for flags in runs]
+    losses = lambda flags: train_jax.fit(train_jax.default_flags(**flags))["losses"]
+    return [{str(step): loss for step, loss in losses(flags).items()} for flags in runs]
 
 
 if __name__ == "__main__":

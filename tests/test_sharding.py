@@ -20,6 +20,7 @@ TESTS = os.path.join(ROOT, "tests")
 MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
 CORPUS = "".join(f"ROMEO: line {i} of the play, {i * 7 % 13} times.\nJULIET: and {i % 5}!\n\n" for i in range(200))
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, data_url="", peak_flops=1e9)
+TP8_ERROR = "--mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"
 SCHEDULE = dict(warmup_iters=0, lr_decay_iters=10, learning_rate=1e-2, eval_iters=2, log_interval=1)
 
 
@@ -31,7 +32,8 @@ def device_env(n_devices):
 def start(function, n_devices=8, **kwargs):
     """multi_device.FUNCTION(**kwargs) in a new process with `n_devices` CPU devices."""
     command = [sys.executable, "multi_device.py", function, json.dumps(kwargs)]
-    return subprocess.Popen(command, cwd=TESTS, env=device_env(n_devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=TESTS, env=device_env(n_devices), **pipes)
 
 
 def result(process):
@@ -42,6 +44,11 @@ def result(process):
 
 def on_devices(function, n_devices=8, **kwargs):
     return result(start(function, n_devices, **kwargs))
+
+
+def run_script(*args):
+    """`python ARGS` in the repository with 8 CPU devices."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=device_env(8), capture_output=True, text=True, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,9 @@ def free_port():
 
 
 def test_mesh_specs_parse_and_bad_ones_name_what_fits():
-    specs = ["dp=8", "fsdp=-1,tp=2", "dp=2,fsdp=2,tp=2", "tp=2,dp=-1", "", "pp=2", "dp=3", "dp=-1,tp=3", "dp=-1,tp=-1", "dp=two", "dp=0,tp=8"]
-    meshes = on_devices("mesh_specs", specs=specs)
+    good = ["dp=8", "fsdp=-1,tp=2", "dp=2,fsdp=2,tp=2", "tp=2,dp=-1", ""]
+    bad = ["pp=2", "dp=3", "dp=-1,tp=3", "dp=-1,tp=-1", "dp=two", "dp=0,tp=8"]
+    meshes = on_devices("mesh_specs", specs=good + bad)
     assert meshes["dp=8"] == {"dp": 8, "fsdp": 1, "tp": 1}
     assert meshes["fsdp=-1,tp=2"] == {"dp": 1, "fsdp": 4, "tp": 2}
     assert meshes["dp=2,fsdp=2,tp=2"] == {"dp": 2, "fsdp": 2, "tp": 2}
@@ -81,14 +89,14 @@ def test_mesh_specs_parse_and_bad_ones_name_what_fits():
 @pytest.mark.parametrize(
     "mesh, flags, message",
     [
-        ("tp=8", {}, "--mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"),
+        ("tp=8", {}, TP8_ERROR),
         ("dp=8", {"batch_size": 4}, "--batch_size 4 does not split over dp*fsdp=8 devices: use a multiple of 8"),
         ("dp=6", {}, "--mesh dp=6 uses 6 devices but there are 8"),
     ],
 )
 def test_a_mesh_the_model_or_batch_does_not_fit_is_a_one_line_error(mesh, flags, message, data_dir, tmp_path):
     args = [f"--{k}={v}" for k, v in run_flags(data_dir, tmp_path / "out", mesh=mesh, **flags).items() if v != ""]
-    done = subprocess.run([sys.executable, "train_jax.py", *args], cwd=ROOT, env=device_env(8), capture_output=True, text=True)
+    done = run_script("train_jax.py", *args)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
@@ -125,7 +133,7 @@ def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_l
         runs=[
             run_flags(data_dir, tmp_path / "whole", mesh="dp=8", max_iters=3, ckpt_interval=3, eval_interval=3),
             run_flags(data_dir, tmp_path / "cut", mesh="dp=8", max_iters=2, ckpt_interval=2, eval_interval=2),
-            run_flags(data_dir, tmp_path / "cut", mesh="fsdp=4,tp=2", max_iters=3, ckpt_interval=3, eval_interval=3, resume=True),
+            run_flags(data_dir, tmp_path / "cut", mesh="fsdp=4,tp=2", resume=True, max_iters=3, ckpt_interval=3, eval_interval=3),
         ],
     )
     assert list(resumed) == ["3"]
@@ -156,16 +164,12 @@ def test_generation_under_a_mesh_writes_the_unsharded_text(mesh, prompts, tf_mod
     args = [*prompts, "--model_size", tf_model[0], "--n_tokens_to_generate", "12", "--nostop_at_eot"]
     gpt2.cli(args)
     expected = capsys.readouterr().out
-    done = subprocess.run([sys.executable, "gpt2.py", *args, "--mesh", mesh], cwd=ROOT, env=device_env(8), capture_output=True, text=True)
+    done = run_script("gpt2.py", *args, "--mesh", mesh)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == expected and len(expected.strip()) > len(prompts) * 12
 
 
 def test_generation_mesh_errors_are_one_line(tf_model):
-    done = subprocess.run(
-        [sys.executable, "gpt2.py", PROMPT, "--model_size", tf_model[0], "--mesh", "tp=8"], cwd=ROOT, env=device_env(8), capture_output=True, text=True
-    )
+    done = run_script("gpt2.py", PROMPT, "--model_size", tf_model[0], "--mesh", "tp=8")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: --mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"
-    )
+    assert done.stderr.strip().splitlines()[-1] == f"error: {TP8_ERROR}"
