@@ -12,9 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROMPT, ROOT
+from conftest import PROMPT, ROOT, prepared_text
 
-import train_jax
 
 TESTS = os.path.join(ROOT, "tests")
 MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
@@ -53,10 +52,7 @@ def run_script(*args):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "input.txt").write_text(CORPUS, encoding="utf-8")
-    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
-    return str(folder / "data")
+    return prepared_text(tmp_path_factory, CORPUS)
 
 
 def run_flags(data_dir, out_dir, **overrides):

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, prepared_text
 from http_server import serve
 
 import gpt2
@@ -37,10 +37,7 @@ ACCENTED = "Ça va? Oui, très bien.\r\n\tTabs, “quotes”, and an emoji 🙂.
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The corpus, prepared with the bytes tokenizer."""
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "input.txt").write_text(CORPUS, encoding="utf-8")
-    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
-    return str(folder / "data")
+    return prepared_text(tmp_path_factory, CORPUS)
 
 
 @pytest.fixture(scope="module", autouse=True)
