@@ -14,7 +14,6 @@ import sys
 import pytest
 from conftest import PROMPT, ROOT, prepared_text
 
-
 TESTS = os.path.join(ROOT, "tests")
 MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
 CORPUS = "".join(f"ROMEO: line {i} of the play, {i * 7 % 13} times.\nJULIET: and {i % 5}!\n\n" for i in range(200))
