@@ -154,9 +154,9 @@ def state_shardings(state, optimizer, mesh):
 
 
 def gathered(shardings):
-    """The shardings weights are computed with: fsdp's slices gathered (and so their gradients
-    reduce-scattered), tp's split kept. Left to itself, XLA splits the activations along the
-    weights' fsdp dimension instead, which sends several times the weights' bytes."""
+    """The shardings weights are computed with: fsdp's slices gathered (their gradients are reduced
+    back into the slices), tp's split kept. Left to itself, XLA splits the activations along the
+    weights' fsdp dimension instead, which sends several times the weights' bytes (bench/scale.py)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -207,6 +207,8 @@ def initialize_distributed(coordinator_address="", num_processes=1, process_id=0
 
     if jax.distributed.is_initialized():
         return
+    if not coordinator_address and (num_processes, process_id) != (1, 0):
+        raise UserError("--num_processes and --process_id need --coordinator_address HOST:PORT of process 0")
     if not coordinator_address:
         try:
             jax.distributed.initialize()
