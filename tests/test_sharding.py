@@ -168,3 +168,20 @@ def test_generation_mesh_errors_are_one_line(tf_model):
     done = run_script("gpt2.py", PROMPT, "--model_size", tf_model[0], "--mesh", "tp=8")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"error: {TP8_ERROR}"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"coordinator_address": "10.0.0.1"}, "--coordinator_address '10.0.0.1' must be HOST:PORT of process 0"),
+        ({"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 2}, "--process_id 2 must be an integer from 0 to"),
+        ({"num_processes": 2, "process_id": 1}, "--num_processes and --process_id need --coordinator_address"),
+    ],
+)
+def test_bad_multi_host_flags_name_the_fix(flags, message):
+    from sharding import initialize_distributed
+    from utils import UserError
+
+    with pytest.raises(UserError) as error:
+        initialize_distributed(**flags)
+    assert message in str(error.value)
