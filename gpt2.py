@@ -321,6 +321,7 @@ def main(
     seed=0,
     stop_at_eot=True,
     dtype="float32",
+    mesh="",
 ):
     """Continue each PROMPT with GPT-2 and print the new text (streamed for a single prompt).
 
@@ -337,11 +338,15 @@ def main(
       seed: the random seed of sampling; the same seed gives the same text.
       stop_at_eot: stop a sequence at <|endoftext|> (--nostop_at_eot to go on).
       dtype: float32, or bfloat16 (weights and compute; jax backend).
+      mesh: split the model over this process's devices by train_jax's axes, e.g. tp=2, fsdp=8 or
+        dp=2,tp=4 (the sizes multiply to the device count); '' for one device (jax backend).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend!r}: use {' or '.join(BACKENDS)}")
     if dtype not in DTYPES[backend]:
         raise UserError(f"--dtype {dtype!r} is not available with --backend {backend}: use {' or '.join(DTYPES[backend])}")
+    if mesh and backend != "jax":
+        raise UserError(f"--mesh {mesh} needs --backend jax")
     check_positive_int(n_tokens_to_generate, "n_tokens_to_generate")
     check_sampling(temperature, top_k, top_p, seed)
     prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])] or [""]
@@ -350,7 +355,12 @@ def main(
     log(f"{len(inputs)} prompt(s), up to {max(map(len, inputs))} tokens; generating {n_tokens_to_generate} with {backend}")
     if backend == "jax":
         use_compilation_cache()
-    params = to_backend(params, backend, dtype)
+    if mesh:
+        from sharding import sharded_params
+
+        params = sharded_params(params, mesh, hparams, dtype)
+    else:
+        params = to_backend(params, backend, dtype)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     eot = encoder.eot_token if stop_at_eot else None
     if len(inputs) == 1:

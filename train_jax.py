@@ -12,7 +12,6 @@ dropout key is carried in the train state, so `--resume` repeats the uninterrupt
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -21,6 +20,17 @@ import numpy as np
 
 from encoder import bytes_to_unicode, load_encoder
 from gpt2 import gpt2
+from sharding import (
+    batch_sharding,
+    check_fits,
+    device_mesh,
+    gathered,
+    initialize_distributed,
+    match_rules,
+    place,
+    process_rows,
+    state_shardings,
+)
 from utils import (
     VOCAB_FILES,
     UserError,
@@ -48,7 +58,8 @@ DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # the random streams batches are drawn from, with the seed
 CONFIG_FILE = "config.json"
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
-RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops")
+RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
+                   "mesh", "coordinator_address", "num_processes", "process_id")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,15 +261,18 @@ def get_batch(ids, offsets, block_size):  # [...] -> inputs, targets [..., block
     return block[..., :-1], block[..., 1:]
 
 
+def sharded_batch(ids, offsets, block_size, sharding):  # offsets [..., batch] -> inputs, targets [..., batch, block_size]
+    """`get_batch` as global arrays split by `sharding`: this process reads only the rows its devices hold."""
+    import jax
+
+    shape = (*offsets.shape, block_size)
+    rows = process_rows(sharding, shape, offsets.ndim - 1)
+    local = get_batch(ids, offsets[..., rows], block_size)
+    return tuple(jax.make_array_from_process_local_data(sharding, x, shape) for x in local)
+
+
 # ---------------------------------------------------------------------------------------------
 # Model, loss and the train step
-
-
-def rule_tree(params, rules):
-    """A tree like `params` holding, for each leaf, the value of the first rule whose regex
-    matches its path (the same mechanism as sharding rules)."""
-    flat = {path: next(value for pattern, value in rules if re.search(pattern, path)) for path in flatten(params)}
-    return unflatten(flat, len(params["blocks"]))
 
 
 def init_param(path, shape, rng, n_layer):
@@ -295,12 +309,14 @@ def cross_entropy(logits, targets):  # [..., n_vocab], [...] -> []
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def loss_fn(params, inputs, targets, key, n_head, rate, dtype):  # [batch, n_seq] x2 -> []
+def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
-    weights' precision (float32)."""
+    weights' precision (float32). On a mesh, the weights are used with `compute_shardings`."""
     import jax
 
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
+    if compute_shardings is not None:
+        compute = jax.lax.with_sharding_constraint(compute, compute_shardings)
     forward = lambda x, k: gpt2(x, **compute, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
     keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
     logits = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_vocab]
@@ -319,7 +335,7 @@ def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, 
         decay_steps=max(lr_decay_iters, warmup_iters + 1),
         end_value=min_lr,
     )
-    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=rule_tree(params, DECAY_RULES))
+    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=match_rules(DECAY_RULES, params))
     return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), adamw), schedule
 
 
@@ -329,7 +345,18 @@ def init_state(params, optimizer, seed):
     return {"params": params, "opt_state": optimizer.init(params), "key": jax.random.PRNGKey(seed)}
 
 
-def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # inputs, targets [grad_accum, batch, n_seq]
+def init_sharded_state(params, optimizer, seed, mesh):
+    """(state, its shardings) created on the mesh: the host params copied shard by shard, the
+    optimizer state made by a jit whose outputs are already split, so no device holds a full copy."""
+    import jax
+
+    init = lambda p: init_state(p, optimizer, seed)
+    shardings = state_shardings(jax.eval_shape(init, params), optimizer, mesh)
+    placed = place(params, shardings["params"])
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(placed), shardings
+
+
+def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None):  # inputs, targets [grad_accum, batch, n_seq]
     """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, loss)."""
     import jax
     import optax
@@ -339,7 +366,7 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # input
 
     def accumulate(grad_sum, micro_batch):
         x, y, micro_key = micro_batch
-        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype)
+        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype, compute_shardings)
         return jax.tree.map(jax.numpy.add, grad_sum, grads), loss
 
     n_micro = inputs.shape[0]
@@ -348,6 +375,17 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # input
     grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "key": key}, losses.mean()
+
+
+def jit_train_step(shardings, batch, **step_args):
+    """`train_step` jitted for the mesh: the state (donated) keeps its `shardings`, inputs and targets
+    come split by `batch`, the loss is replicated."""
+    import functools
+
+    import jax
+
+    step = functools.partial(train_step, **step_args, compute_shardings=gathered(shardings["params"]))
+    return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch, batch), out_shardings=(shardings, shardings["key"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,8 +518,8 @@ def matmul_flops(n=2048, repeats=3):
 
 
 def estimate_loss(eval_loss, params, batches):
-    """The mean loss over fixed batches ([eval_iters, batch, n_seq] inputs and targets)."""
-    return float(np.mean([eval_loss(params, x, y) for x, y in zip(*batches)]))
+    """The mean loss over fixed batches (a list of [batch, n_seq] inputs and targets)."""
+    return float(np.mean([eval_loss(params, x, y) for x, y in batches]))
 
 
 def fit(flags):
@@ -493,14 +531,18 @@ def fit(flags):
     from tqdm import tqdm
 
     flags = check_flags(flags)
+    initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
+    main_process = jax.process_index() == 0  # the one that logs and writes config.json
+    say = log if main_process else lambda *args: None
     data_dir, out_dir, seed, block_size = flags["data_dir"], flags["out_dir"], flags["seed"], flags["block_size"]
     ensure_data(data_dir, flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(data_dir))
-    params = jax.device_put(params)
+    mesh = device_mesh(flags["mesh"])
+    check_fits(mesh, hparams, flags["batch_size"])
     train_ids = load_split(data_dir, "train", block_size, hparams["n_vocab"])
     val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
     optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
-    state = init_state(params, optimizer, seed)
+    state, shardings = init_sharded_state(params, optimizer, seed, mesh)
     manager = checkpoint_manager(out_dir, flags["keep"])
     start = 0
     if flags["resume"]:
@@ -509,36 +551,43 @@ def fit(flags):
             raise UserError(f"--resume: {out_dir} has no checkpoint yet; run without --resume")
         state, loader = restore_checkpoint(manager, manager.latest_step(), state)
         start = loader["next_batch"]
-        log(f"resuming {out_dir} at step {start}")
+        say(f"resuming {out_dir} at step {start}")
     elif manager.latest_step() is not None:
         raise UserError(f"{out_dir} already holds checkpoints: add --resume to continue, or give another --out_dir")
-    else:
+    elif main_process:
         write_config(out_dir, flags, hparams, vocab_dir)
 
     n_head, batch_shape, dtype = hparams["n_head"], (flags["grad_accum"], flags["batch_size"]), flags["dtype"]
     step_args = dict(optimizer=optimizer, n_head=n_head, rate=float(flags["dropout"]), dtype=dtype)
-    step_fn = jax.jit(functools.partial(train_step, **step_args), donate_argnums=0)
-    eval_loss = jax.jit(functools.partial(loss_fn, key=None, n_head=n_head, rate=0.0, dtype=dtype))
+    batch, eval_batch = batch_sharding(mesh, 3, axis=1), batch_sharding(mesh, 2, axis=0)
+    step_fn = jit_train_step(shardings, batch, **step_args)
+    eval_args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, compute_shardings=gathered(shardings["params"]))
+    eval_loss = jax.jit(functools.partial(loss_fn, **eval_args), in_shardings=(shardings["params"], eval_batch, eval_batch))
     eval_shape = (flags["eval_iters"], flags["batch_size"])
+    eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size)  # [eval_iters, batch]
     eval_batches = {
-        split: get_batch(ids, batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size), block_size)
+        split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
     tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
-    peak = flags["peak_flops"] or matmul_flops()
-    log(f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, matmul peak {peak / 1e9:.0f} GFLOP/s")
-    with tqdm(desc="compiling the train step", total=1, leave=False) as bar:
-        inputs, targets = get_batch(train_ids, batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size), block_size)
+    peak = (flags["peak_flops"] or matmul_flops()) * mesh.size
+    say(
+        f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
+    with tqdm(desc="compiling the train step", total=1, leave=False, disable=not main_process) as bar:
+        offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size)
+        inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)
         step_fn = step_fn.lower(state, inputs, targets).compile()
         bar.update()
 
     losses, best, timed_steps, timed_seconds = {}, (math.inf, None), 0, 0.0
     window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(desc="training", initial=start, total=flags["max_iters"], unit="step", dynamic_ncols=True)
+    bar = tqdm(desc="training", initial=start, total=flags["max_iters"], unit="step", dynamic_ncols=True, disable=not main_process)
     for step in range(start, flags["max_iters"]):
         offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, len(train_ids), block_size)
-        inputs, targets = get_batch(train_ids, offsets, block_size)  # [grad_accum, batch, block_size] each
+        inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)  # [grad_accum, batch, block_size] each
         state, loss = step_fn(state, inputs, targets)
         done, window_steps = step + 1, window_steps + 1
         bar.update()
@@ -560,7 +609,8 @@ def fit(flags):
             train_loss = estimate_loss(eval_loss, state["params"], eval_batches["train"])
             val_loss = estimate_loss(eval_loss, state["params"], eval_batches["val"])
             best = min(best, (val_loss, done))
-            tqdm.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
+            if main_process:
+                tqdm.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
         if saving or (evaluating and best[1] == done):
             save_checkpoint(manager, done, state, seed, val_loss)
         window_start = time.perf_counter()
@@ -569,8 +619,8 @@ def fit(flags):
     summary = {"state": state, "losses": losses, "best_val_loss": best[0], "best_step": best[1]}
     if timed_steps:
         summary.update(ms_per_step=1e3 * timed_seconds / timed_steps, tokens_per_s=tokens_per_step * timed_steps / timed_seconds)
-        log(f"{summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s over {timed_steps} steps")
-    log(f"best val loss {best[0]:.4f} at step {best[1]}; checkpoints in {os.path.join(out_dir, 'checkpoints')}")
+        say(f"{summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s over {timed_steps} steps")
+    say(f"best val loss {best[0]:.4f} at step {best[1]}; checkpoints in {os.path.join(out_dir, 'checkpoints')}")
     return summary
 
 
@@ -606,6 +656,10 @@ def train(
     seed=1337,
     dtype="float32",
     peak_flops=0.0,
+    mesh="",
+    coordinator_address="",
+    num_processes=1,
+    process_id=0,
 ):
     """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export).
 
@@ -641,7 +695,14 @@ def train(
       resume: continue the run in out_dir from its latest checkpoint (with the same flags).
       seed: the seed of init, data order and dropout.
       dtype: float32, or bfloat16 (compute; the master weights stay float32).
-      peak_flops: the FLOP/s MFU is relative to (0: measure a 2048x2048 float32 matmul).
+      peak_flops: the FLOP/s MFU is relative to (0: measure a 2048x2048 float32 matmul), per device.
+      mesh: the devices to train on, as axis sizes: dp=8 (data parallel), fsdp=8 (weights and optimizer
+        state sharded too), tp=2 (tensor parallel), combined like dp=2,fsdp=2,tp=2; -1 is the rest of
+        the devices. The sizes multiply to the job's device count. '' for one device.
+      coordinator_address: HOST:PORT of process 0 of a multi-host job ('': none, or what JAX detects on
+        a TPU pod slice or under SLURM).
+      num_processes: the processes of the multi-host job.
+      process_id: this process's index in the job, 0 to num_processes - 1.
     """
     fit(dict(locals()))
 

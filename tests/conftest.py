@@ -49,6 +49,16 @@ def model_copy(tf_model, tmp_path):
     return str(model_dir)
 
 
+def prepared_text(tmp_path_factory, text):
+    """A data folder of `text`, prepared by train_jax with the bytes tokenizer."""
+    import train_jax
+
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "input.txt").write_text(text, encoding="utf-8")
+    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
+    return str(folder / "data")
+
+
 def one_line_error(capsys, argv):
     """Run gpt2's CLI in-process; it must exit with 2 and one `error:` line, no traceback. The line."""
     import gpt2

@@ -14,12 +14,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, prepared_text
 from http_server import serve
 
 import gpt2
 import train_jax
 from encoder import EOT, bytes_to_unicode, load_encoder
+from sharding import match_rules
 from utils import UserError, expected_shapes, flatten, load_encoder_hparams_and_params, unflatten
 
 CORPUS = "".join(
@@ -36,10 +37,7 @@ ACCENTED = "Ça va? Oui, très bien.\r\n\tTabs, “quotes”, and an emoji 🙂.
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The corpus, prepared with the bytes tokenizer."""
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "input.txt").write_text(CORPUS, encoding="utf-8")
-    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
-    return str(folder / "data")
+    return prepared_text(tmp_path_factory, CORPUS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -185,7 +183,7 @@ def test_decay_mask_covers_exactly_the_2d_weights():
 
     hparams = {"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 3}
     params = train_jax.init_params(hparams, seed=0)
-    mask = flatten(train_jax.rule_tree(params, train_jax.DECAY_RULES))
+    mask = flatten(match_rules(train_jax.DECAY_RULES, params))
     assert {p for p, decay in mask.items() if decay} == {p for p, a in flatten(params).items() if a.ndim == 2}
     # One AdamW step with zero gradients only decays: exactly the masked leaves shrink by lr * wd.
     optimizer, _ = train_jax.make_optimizer(params, 0.5, 0.5, 0, 10, 0.1, 0.9, 0.95, 1.0)

@@ -1,0 +1,225 @@
+"""Where every array lives on a device mesh: `--mesh dp=2,fsdp=2,tp=2`, partition rules as data, and
+the start of a multi-host job.
+
+The mesh has three named axes, outermost first:
+  dp    data parallel: every group holds all the weights and a share of the batch; gradients are
+        all-reduced once per step.
+  fsdp  fully sharded data parallel: a share of the batch and a 1/fsdp slice of every weight and its
+        optimizer state; weights are all-gathered where used, gradients reduce-scattered.
+  tp    tensor parallel (innermost, so it stays on the fastest links): each block's matmuls are split
+        Megatron-style; activations are all-reduced twice per block, forward and backward.
+`jax.jit` places the computation from the shardings of its arguments and results; the model code
+knows nothing of devices.
+"""
+
+import math
+import re
+
+from utils import UserError, flatten, unflatten
+
+AXES = ("dp", "fsdp", "tp")
+BATCH_AXES = ("dp", "fsdp")  # the batch is split over both data-parallel axes
+# (regex over the '/'-joined param path, PartitionSpec as a tuple of mesh axes per dimension), first
+# match wins. Megatron's split over tp: c_attn and c_fc split their output columns (and biases), the
+# c_proj's their input rows, so each block all-reduces once after attention and once after the MLP;
+# wte splits its vocabulary rows. The rest is replicated. fsdp is added by `partition_spec`.
+PARTITION_RULES = (
+    (r"/(c_attn|c_fc)/w$", (None, "tp")),
+    (r"/(c_attn|c_fc)/b$", ("tp",)),
+    (r"/c_proj/w$", ("tp", None)),
+    (r"^wte$", ("tp", None)),
+    (r".*", ()),
+)
+MESH_EXAMPLE = "dp=2,fsdp=2,tp=2"
+
+
+def match_rules(rules, params):
+    """A tree like `params` holding, for each leaf, the value of the first rule whose regex matches
+    its '/'-joined path (the weight-decay mask and the partition specs both come from this)."""
+    flat = {path: next(value for pattern, value in rules if re.search(pattern, path)) for path in flatten(params)}
+    return unflatten(flat, len(params["blocks"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh
+
+
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_sizes(spec, n_devices):
+    """{'dp': .., 'fsdp': .., 'tp': ..} of a spec like 'dp=2,tp=4': absent axes are 1, one axis may be
+    -1 (the devices left over), and the sizes multiply to `n_devices`."""
+    sizes = dict.fromkeys(AXES, 1)
+    for part in str(spec).split(","):
+        axis, _, size = part.partition("=")
+        axis = axis.strip()
+        if axis not in AXES:
+            raise UserError(
+                f"unknown mesh axis {axis!r} in --mesh {spec}: the axes are dp, fsdp and tp, e.g. --mesh {MESH_EXAMPLE}"
+            )
+        if not re.fullmatch(r"\s*(-1|[1-9]\d*)\s*", size):
+            raise UserError(f"--mesh {spec}: give {axis} a positive number of devices (or -1 for the rest), e.g. {axis}=2")
+        sizes[axis] = int(size)
+    rest = [axis for axis in AXES if sizes[axis] == -1]
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if len(rest) > 1:
+        raise UserError(f"--mesh {spec}: only one axis can be -1 (the devices left over)")
+    if rest and n_devices % fixed == 0:
+        sizes[rest[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        used = f"the other axes use {fixed}" if rest else f"uses {fixed}"
+        raise UserError(
+            f"--mesh {spec} {used} devices but there are {n_devices}: make the sizes multiply to {n_devices} "
+            f"(each a divisor of it: {', '.join(map(str, divisors(n_devices)))}), e.g. --mesh dp={n_devices} or dp=-1,tp=2"
+        )
+    return sizes
+
+
+def parse_mesh(spec, devices):
+    """The `jax.sharding.Mesh` of `spec` over `devices`, with axes (dp, fsdp, tp)."""
+    from jax.experimental import mesh_utils
+    from jax.sharding import Mesh
+
+    sizes = mesh_sizes(spec, len(devices))
+    return Mesh(mesh_utils.create_device_mesh([sizes[axis] for axis in AXES], devices), AXES)
+
+
+def device_mesh(spec):
+    """The mesh of `spec` over all the job's devices; without a spec, the first device alone."""
+    import jax
+
+    if spec:
+        return parse_mesh(spec, jax.devices())
+    if jax.process_count() > 1:
+        n_devices, n_processes = jax.device_count(), jax.process_count()
+        raise UserError(f"this job has {n_devices} devices in {n_processes} processes: give --mesh, e.g. --mesh dp=-1")
+    return parse_mesh("dp=1", jax.devices()[:1])
+
+
+def check_fits(mesh, hparams, batch_size=None):
+    """The model's heads (and so its widths) split evenly over tp, the batch over dp * fsdp."""
+    tp, n_head = mesh.shape["tp"], hparams["n_head"]
+    if n_head % tp:
+        fits = [d for d in divisors(mesh.size) if n_head % d == 0]
+        raise UserError(
+            f"--mesh tp={tp} does not divide n_head={n_head} (tp splits the heads and the widths n_embd, "
+            f"3*n_embd, 4*n_embd): use tp in {', '.join(map(str, fits))}"
+        )
+    n_batch = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if batch_size is not None and batch_size % n_batch:
+        raise UserError(f"--batch_size {batch_size} does not split over dp*fsdp={n_batch} devices: use a multiple of {n_batch}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shardings
+
+
+def partition_spec(spec, shape, mesh_shape):
+    """The rule's spec fitted to an array of `shape`: an axis of size 1, or one that does not divide
+    its dimension, is dropped (that dimension is replicated), then fsdp takes the largest free
+    dimension it divides."""
+    from jax.sharding import PartitionSpec
+
+    spec = [*spec, *[None] * (len(shape) - len(spec))]
+    spec = [axis if axis and mesh_shape[axis] > 1 and size % mesh_shape[axis] == 0 else None for axis, size in zip(spec, shape)]
+    free = [i for i, (axis, size) in enumerate(zip(spec, shape)) if axis is None and size % mesh_shape["fsdp"] == 0]
+    if mesh_shape["fsdp"] > 1 and free:
+        spec[max(free, key=lambda i: shape[i])] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params, mesh, rules=PARTITION_RULES):
+    """A tree like `params` (arrays or shapes) of the `NamedSharding` each parameter gets."""
+    from jax.sharding import NamedSharding
+
+    specs = flatten(match_rules(rules, params))
+    spec = lambda path, leaf: partition_spec(specs[path], leaf.shape, mesh.shape)
+    flat = {path: NamedSharding(mesh, spec(path, leaf)) for path, leaf in flatten(params).items()}
+    return unflatten(flat, len(params["blocks"]))
+
+
+def state_shardings(state, optimizer, mesh):
+    """The train state's shardings: each optimizer moment follows its parameter, counts and the
+    random key are replicated. `state` may be abstract (`jax.eval_shape`)."""
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    params = param_shardings(state["params"], mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    follow = lambda _, sharding: sharding
+    opt_state = optax.tree_map_params(optimizer, follow, state["opt_state"], params, transform_non_params=lambda _: replicated)
+    return {"params": params, "opt_state": opt_state, "key": replicated}
+
+
+def gathered(shardings):
+    """The shardings weights are computed with: fsdp's slices gathered (their gradients are reduced
+    back into the slices), tp's split kept. Left to itself, XLA splits the activations along the
+    weights' fsdp dimension instead, which sends several times the weights' bytes (bench/scale.py)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    drop_fsdp = lambda s: NamedSharding(s.mesh, PartitionSpec(*[None if axis == "fsdp" else axis for axis in s.spec]))
+    return jax.tree.map(drop_fsdp, shardings)
+
+
+def batch_sharding(mesh, ndim, axis):
+    """Arrays of `ndim` dimensions split along `axis` over (dp, fsdp)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec(*[BATCH_AXES if i == axis else None for i in range(ndim)]))
+
+
+def place(tree, shardings):
+    """Host arrays put on their devices, each process copying only the shards its devices hold: no
+    device ever holds more than its shard."""
+    import jax
+
+    to_device = lambda a, sharding: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+    return jax.tree.map(to_device, tree, shardings)
+
+
+def sharded_params(params, spec, hparams, dtype):
+    """Host params placed on the mesh of `spec` by the partition rules, then cast to `dtype`."""
+    import jax
+
+    mesh = device_mesh(spec)
+    check_fits(mesh, hparams)
+    return jax.tree.map(lambda a: a.astype(dtype), place(params, param_shardings(params, mesh)))
+
+
+def process_rows(sharding, shape, axis):
+    """The slice of `axis` this process's devices hold (one range: the mesh keeps a process's
+    devices together, with tp innermost)."""
+    ranges = [index[axis].indices(shape[axis]) for index in sharding.addressable_devices_indices_map(shape).values()]
+    return slice(min(start for start, _, _ in ranges), max(stop for _, stop, _ in ranges))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host
+
+
+def initialize_distributed(coordinator_address="", num_processes=1, process_id=0):
+    """Join a multi-host job: the one the flags describe, or the one JAX detects from the
+    environment (a TPU pod slice, SLURM, Open MPI); run alone when there is none."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    if not coordinator_address and (num_processes, process_id) != (1, 0):
+        raise UserError("--num_processes and --process_id need --coordinator_address HOST:PORT of process 0")
+    if not coordinator_address:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError):  # no cluster in the environment, or JAX already running here
+            pass
+        return
+    if not re.fullmatch(r"[^\s:]+:\d+", str(coordinator_address)):
+        raise UserError(f"--coordinator_address {coordinator_address!r} must be HOST:PORT of process 0, e.g. 10.0.0.1:1234")
+    if type(num_processes) is not int or type(process_id) is not int or not 0 <= process_id < num_processes:
+        raise UserError(
+            f"--process_id {process_id!r} must be an integer from 0 to --num_processes - 1 ({num_processes!r}): "
+            f"give each process its own index"
+        )
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

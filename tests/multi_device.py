@@ -1,0 +1,100 @@
+"""Checks that need several devices, run by test_sharding.py in a subprocess whose XLA_FLAGS fake
+them on the CPU (`python multi_device.py FUNCTION JSON_KWARGS` prints the function's JSON result).
+The device count of a process is fixed when JAX starts, so these cannot run in the tests' process."""
+
+import functools
+import json
+import sys
+
+import numpy as np
+
+import train_jax
+from utils import UserError, flatten
+
+HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2}  # every width divides by 8
+OPTIMIZER = dict(
+    learning_rate=1e-2, min_lr=1e-3, warmup_iters=0, lr_decay_iters=10, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0
+)
+BATCH_SHAPE = (2, 8, 16)  # [grad_accum, batch, n_seq]
+
+
+def mesh_specs(specs):
+    """Each spec's mesh shape, or its error message."""
+    from sharding import device_mesh
+
+    results = {}
+    for spec in specs:
+        try:
+            results[spec] = dict(device_mesh(spec).shape)
+        except UserError as e:
+            results[spec] = str(e)
+    return results
+
+
+def one_step(specs):
+    """One train step unsharded on one device and under each mesh: the loss, the largest difference
+    of the updated params from the unsharded ones, and each parameter's spec."""
+    import jax
+
+    params = train_jax.init_params(HPARAMS, seed=0)
+    optimizer, _ = train_jax.make_optimizer(params, **OPTIMIZER)
+    rng = np.random.default_rng(0)
+    inputs, targets = rng.integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE), dtype=np.int32)
+    step = functools.partial(train_jax.train_step, optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
+    single = jax.devices()[0]
+    state = jax.device_put(train_jax.init_state(params, optimizer, seed=0), single)
+    reference, loss = jax.jit(step)(state, jax.device_put(inputs, single), jax.device_put(targets, single))
+    expected = {path: np.asarray(a) for path, a in flatten(reference["params"]).items()}
+    results = {"unsharded": {"loss": float(loss)}}
+    for spec in specs:
+        new, loss = sharded_step(params, optimizer, spec, inputs, targets)
+        flat = flatten(new["params"])
+        results[spec] = {
+            "loss": float(loss),
+            "max_param_diff": max(float(np.abs(np.asarray(flat[path]) - expected[path]).max()) for path in expected),
+            "specs": {path: str(a.sharding.spec) for path, a in flat.items()},
+        }
+    return results
+
+
+def sharded_step(params, optimizer, spec, inputs, targets):
+    """train_jax's own path: the state created on the mesh, the batch placed split, the jitted step."""
+    import jax
+
+    from sharding import batch_sharding, device_mesh
+
+    mesh = device_mesh(spec)
+    state, shardings = train_jax.init_sharded_state(params, optimizer, 0, mesh)
+    batch = batch_sharding(mesh, 3, axis=1)
+    placed = [jax.device_put(x, batch) for x in (inputs, targets)]
+    step_args = dict(optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
+    return train_jax.jit_train_step(shardings, batch, **step_args)(state, *placed)
+
+
+def fsdp_bytes(spec):
+    """The bytes of the params and the optimizer state on each device, and their total."""
+    import jax
+
+    from sharding import device_mesh
+
+    params = train_jax.init_params(HPARAMS, seed=0)
+    optimizer, _ = train_jax.make_optimizer(params, **OPTIMIZER)
+    state, _ = train_jax.init_sharded_state(params, optimizer, 0, device_mesh(spec))
+    per_device = {}
+    for name in ("params", "opt_state"):
+        for leaf in jax.tree.leaves(state[name]):
+            for shard in leaf.addressable_shards:
+                per_device.setdefault(name, {}).setdefault(str(shard.device), 0)
+                per_device[name][str(shard.device)] += shard.data.nbytes
+    total = {name: sum(leaf.nbytes for leaf in jax.tree.leaves(state[name])) for name in ("params", "opt_state")}
+    return {"per_device": per_device, "total": total}
+
+
+def fit_losses(runs):
+    """For each run's flags in turn, the losses train_jax.fit logs, by step."""
+    losses = lambda flags: train_jax.fit(train_jax.default_flags(**flags))["losses"]
+    return [{str(step): loss for step, loss in losses(flags).items()} for flags in runs]
+
+
+if __name__ == "__main__":
+    print(json.dumps(globals()[sys.argv[1]](**json.loads(sys.argv[2]))))

@@ -1,0 +1,187 @@
+"""sharding.py, and train_jax.py and gpt2.py under --mesh, on CPU devices faked by XLA_FLAGS.
+
+A process's device count is fixed when JAX starts, so every check runs in a subprocess
+(multi_device.py) with 8 devices, or two processes with 4 each joined by jax.distributed; this
+process keeps its one device. Each sharded result is compared with the same computation unsharded.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import PROMPT, ROOT, prepared_text
+
+TESTS = os.path.join(ROOT, "tests")
+MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
+CORPUS = "".join(f"ROMEO: line {i} of the play, {i * 7 % 13} times.\nJULIET: and {i % 5}!\n\n" for i in range(200))
+TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, data_url="", peak_flops=1e9)
+TP8_ERROR = "--mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"
+SCHEDULE = dict(warmup_iters=0, lr_decay_iters=10, learning_rate=1e-2, eval_iters=2, log_interval=1)
+
+
+def device_env(n_devices):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
+    return {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": ROOT}
+
+
+def start(function, n_devices=8, **kwargs):
+    """multi_device.FUNCTION(**kwargs) in a new process with `n_devices` CPU devices."""
+    command = [sys.executable, "multi_device.py", function, json.dumps(kwargs)]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=TESTS, env=device_env(n_devices), **pipes)
+
+
+def result(process):
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.splitlines()[-1])
+
+
+def on_devices(function, n_devices=8, **kwargs):
+    return result(start(function, n_devices, **kwargs))
+
+
+def run_script(*args):
+    """`python ARGS` in the repository with 8 CPU devices."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=device_env(8), capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepared_text(tmp_path_factory, CORPUS)
+
+
+def run_flags(data_dir, out_dir, **overrides):
+    return {"data_dir": data_dir, "out_dir": str(out_dir), **TINY, **SCHEDULE, **overrides}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mesh_specs_parse_and_bad_ones_name_what_fits():
+    good = ["dp=8", "fsdp=-1,tp=2", "dp=2,fsdp=2,tp=2", "tp=2,dp=-1", ""]
+    bad = ["pp=2", "dp=3", "dp=-1,tp=3", "dp=-1,tp=-1", "dp=two", "dp=0,tp=8"]
+    meshes = on_devices("mesh_specs", specs=good + bad)
+    assert meshes["dp=8"] == {"dp": 8, "fsdp": 1, "tp": 1}
+    assert meshes["fsdp=-1,tp=2"] == {"dp": 1, "fsdp": 4, "tp": 2}
+    assert meshes["dp=2,fsdp=2,tp=2"] == {"dp": 2, "fsdp": 2, "tp": 2}
+    assert meshes["tp=2,dp=-1"] == {"dp": 4, "fsdp": 1, "tp": 2}
+    assert meshes[""] == {"dp": 1, "fsdp": 1, "tp": 1}  # no --mesh: one device
+    assert "unknown mesh axis 'pp'" in meshes["pp=2"] and "dp, fsdp and tp" in meshes["pp=2"]
+    assert "uses 3 devices but there are 8" in meshes["dp=3"] and "1, 2, 4, 8" in meshes["dp=3"]
+    assert "the other axes use 3 devices but there are 8" in meshes["dp=-1,tp=3"]
+    assert "only one axis can be -1" in meshes["dp=-1,tp=-1"]
+    assert "give dp a positive number of devices" in meshes["dp=two"]
+    assert "give dp a positive number of devices" in meshes["dp=0,tp=8"]
+
+
+@pytest.mark.parametrize(
+    "mesh, flags, message",
+    [
+        ("tp=8", {}, TP8_ERROR),
+        ("dp=8", {"batch_size": 4}, "--batch_size 4 does not split over dp*fsdp=8 devices: use a multiple of 8"),
+        ("dp=6", {}, "--mesh dp=6 uses 6 devices but there are 8"),
+    ],
+)
+def test_a_mesh_the_model_or_batch_does_not_fit_is_a_one_line_error(mesh, flags, message, data_dir, tmp_path):
+    args = [f"--{k}={v}" for k, v in run_flags(data_dir, tmp_path / "out", mesh=mesh, **flags).items() if v != ""]
+    done = run_script("train_jax.py", *args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
+
+
+def test_one_train_step_under_each_mesh_equals_the_unsharded_step():
+    steps = on_devices("one_step", specs=list(MESHES))
+    expected = steps.pop("unsharded")["loss"]
+    for mesh, step in steps.items():
+        assert step["loss"] == pytest.approx(expected, rel=1e-6), mesh
+        assert step["max_param_diff"] < 5e-5, mesh  # float32 reduction order, through one AdamW step of 1e-2
+    assert steps["dp=8"]["specs"]["blocks/0/attn/c_attn/w"] == "P(None, None)"  # dp replicates the weights
+    assert steps["fsdp=8"]["specs"]["blocks/0/attn/c_attn/w"] == "P(None, 'fsdp')"  # the largest dimension
+    assert steps["fsdp=8"]["specs"]["blocks/0/mlp/c_proj/w"] == "P('fsdp', None)"
+    assert steps["dp=2,tp=4"]["specs"]["blocks/1/attn/c_attn/w"] == "P(None, 'tp')"  # column-parallel
+    assert steps["dp=2,tp=4"]["specs"]["blocks/1/mlp/c_proj/w"] == "P('tp', None)"  # row-parallel
+    assert steps["dp=2,tp=4"]["specs"]["wte"] == "P('tp', None)"  # split over the vocabulary
+    assert steps["dp=2,tp=4"]["specs"]["ln_f/g"] == "P(None,)"
+    assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/0/mlp/c_fc/w"] == "P('fsdp', 'tp')"
+
+
+def test_fsdp8_holds_an_eighth_of_the_params_and_optimizer_state_on_each_device():
+    held = on_devices("fsdp_bytes", spec="fsdp=8")
+    for name in ("params", "opt_state"):
+        per_device = held["per_device"][name]
+        assert len(per_device) == 8
+        for n_bytes in per_device.values():  # the optimizer's step counts are replicated: a few bytes more
+            assert held["total"][name] / 8 <= n_bytes < 1.01 * held["total"][name] / 8, name
+
+
+def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_loss(data_dir, tmp_path):
+    whole, first, resumed = on_devices(
+        "fit_losses",
+        runs=[
+            run_flags(data_dir, tmp_path / "whole", mesh="dp=8", max_iters=3, ckpt_interval=3, eval_interval=3),
+            run_flags(data_dir, tmp_path / "cut", mesh="dp=8", max_iters=2, ckpt_interval=2, eval_interval=2),
+            run_flags(data_dir, tmp_path / "cut", mesh="fsdp=4,tp=2", resume=True, max_iters=3, ckpt_interval=3, eval_interval=3),
+        ],
+    )
+    assert list(resumed) == ["3"]
+    assert first["2"] == pytest.approx(whole["2"], rel=1e-6)
+    assert resumed["3"] == pytest.approx(whole["3"], rel=1e-5)
+    assert resumed["3"] != pytest.approx(first["1"], rel=1e-3)  # the step learned from the restored state
+
+
+def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir, tmp_path):
+    flags = dict(mesh="dp=2,fsdp=2,tp=2", max_iters=5, ckpt_interval=5, eval_interval=5)
+    one = start("fit_losses", runs=[run_flags(data_dir, tmp_path / "one", **flags)])
+    address = f"127.0.0.1:{free_port()}"
+    job = dict(coordinator_address=address, num_processes=2)
+    processes = [
+        start("fit_losses", 4, runs=[run_flags(data_dir, tmp_path / "two", **flags, **job, process_id=i)]) for i in range(2)
+    ]
+    (expected,), *per_process = [result(p) for p in (one, *processes)]
+    assert list(expected) == ["1", "2", "3", "4", "5"]
+    for (losses,) in per_process:
+        assert losses == pytest.approx(expected, rel=1e-5)
+    assert os.path.isdir(tmp_path / "two" / "checkpoints" / "5")  # orbax saved across the processes
+
+
+@pytest.mark.parametrize("mesh, prompts", [("fsdp=2,tp=4", [PROMPT]), ("dp=2,fsdp=4", [PROMPT, "Hello, my name is"])])
+def test_generation_under_a_mesh_writes_the_unsharded_text(mesh, prompts, tf_model, capsys):
+    import gpt2
+
+    args = [*prompts, "--model_size", tf_model[0], "--n_tokens_to_generate", "12", "--nostop_at_eot"]
+    gpt2.cli(args)
+    expected = capsys.readouterr().out
+    done = run_script("gpt2.py", *args, "--mesh", mesh)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == expected and len(expected.strip()) > len(prompts) * 12
+
+
+def test_generation_mesh_errors_are_one_line(tf_model):
+    done = run_script("gpt2.py", PROMPT, "--model_size", tf_model[0], "--mesh", "tp=8")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {TP8_ERROR}"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"coordinator_address": "10.0.0.1"}, "--coordinator_address '10.0.0.1' must be HOST:PORT of process 0"),
+        ({"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 2}, "--process_id 2 must be an integer from 0 to"),
+        ({"num_processes": 2, "process_id": 1}, "--num_processes and --process_id need --coordinator_address"),
+    ],
+)
+def test_bad_multi_host_flags_name_the_fix(flags, message):
+    from sharding import initialize_distributed
+    from utils import UserError
+
+    with pytest.raises(UserError) as error:
+        initialize_distributed(**flags)
+    assert message in str(error.value)
