@@ -394,7 +394,14 @@ def checkpoint_manager(out_dir, keep):
         preservation_policy=AnyPreservationPolicy([LatestN(n=keep), best]),
         enable_async_checkpointing=False,  # the next step donates the state's buffers
     )
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options)
+    folder = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+    try:
+        return ocp.CheckpointManager(folder, options=options)
+    except (ValueError, OSError, KeyError, TypeError) as e:  # it reads every step's metrics (JSON)
+        raise UserError(
+            f"a checkpoint in {folder} cannot be read ({type(e).__name__}): move the damaged step folder away "
+            f"to use the steps before it"
+        )
 
 
 def save_checkpoint(manager, step, state, seed, val_loss):
@@ -410,8 +417,24 @@ def restore_checkpoint(manager, step, target):
     import orbax.checkpoint as ocp
 
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore())
-    restored = manager.restore(step, args=args)
+    try:
+        restored = manager.restore(step, args=args)
+    except (ValueError, OSError, KeyError, TypeError) as e:  # orbax reads JSON, msgpack and tensorstore: never pickle
+        folder = os.path.join(manager.directory, str(step))
+        raise UserError(
+            f"the checkpoint {folder} cannot be read ({type(e).__name__}): move that folder away to use the "
+            f"checkpoint before it (the run has steps {list(manager.all_steps())})"
+        )
     return restored["state"], restored["loader"]
+
+
+def state_shape(config):
+    """The shapes and dtypes of a run's train state, from its config.json: the target to restore into."""
+    import jax
+
+    flags, hparams = config["flags"], config["hparams"]
+    optimizer, _ = make_optimizer(jax.eval_shape(lambda: init_params(hparams, 0)), **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    return jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
 
 
 def read_config(out_dir, flag="out_dir"):
@@ -522,13 +545,14 @@ def estimate_loss(eval_loss, params, batches):
     return float(np.mean([eval_loss(params, x, y) for x, y in zip(*batches)]))
 
 
-def check_loss(loss, step, nan_policy, last_checkpoint):
+def check_loss(loss, step, nan_policy, last_checkpoint, bar):
     """Stop the run at a non-finite loss (its update was not applied), or go on without that update."""
     if math.isfinite(loss):
         return
     if nan_policy == "skip":
-        log(f"step {step}: loss {loss}, update skipped (--nan_policy skip)")
+        bar.write(f"step {step}: loss {loss}, update skipped (--nan_policy skip)", file=sys.stderr)
         return
+    bar.close()  # the error goes on a line of its own
     raise UserError(
         f"the loss is {loss} at step {step}; stopped with the last good checkpoint (step {last_checkpoint}) intact: "
         f"lower --learning_rate in a new run, or --resume with --nan_policy skip"
@@ -593,7 +617,7 @@ def fit(flags):
         inputs, targets = get_batch(train_ids, offsets, block_size)  # [grad_accum, batch, block_size] each
         state, loss = step_fn(state, inputs, targets)
         done, window_steps = step + 1, window_steps + 1
-        check_loss(float(loss), done, flags["nan_policy"], manager.latest_step())
+        check_loss(float(loss), done, flags["nan_policy"], manager.latest_step(), bar)
         bar.update()
         last = done == flags["max_iters"]
         saving = done % flags["ckpt_interval"] == 0 or last
@@ -720,10 +744,8 @@ def export(ckpt_dir="out/shakespeare_char", out=None, step=None):
     step = manager.best_step() if step is None else step
     if step not in manager.all_steps():
         raise UserError(f"{ckpt_dir} has no checkpoint of --step {step!r}; it has {list(manager.all_steps())}")
-    flags, hparams = config["flags"], config["hparams"]
-    optimizer, _ = make_optimizer(jax.eval_shape(lambda: init_params(hparams, 0)), **{k: flags[k] for k in OPTIMIZER_FLAGS})
-    target = jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
-    state, _ = restore_checkpoint(manager, step, target)
+    hparams = config["hparams"]
+    state, _ = restore_checkpoint(manager, step, state_shape(config))
     n_vocab = len(load_encoder(ckpt_dir).encoder)  # a padded --vocab_size is cut back to the vocabulary
     params = {**jax.tree.map(np.asarray, state["params"]), "wte": np.asarray(state["params"]["wte"])[:n_vocab]}
     save_gpt2_checkpoint(params, {**hparams, "n_vocab": n_vocab}, str(out), ckpt_dir)

@@ -150,7 +150,8 @@ def fetch_once(url, path):
             with open(part, mode) as f, tqdm(
                 desc=name, total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, leave=False
             ) as bar:
-                for chunk in response.iter_content(chunk_size=1 << 16):  # a broken read loses at most 64 KiB
+                # read1 hands over every byte that arrived before a broken connection: the retry resumes there
+                for chunk in iter(lambda: response.raw.read1(1 << 16, decode_content=True), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
         except requests.RequestException:
@@ -197,11 +198,12 @@ def download_file(url, path):
 
 def fetch_with_retries(url, path):
     import requests
+    import urllib3
 
     for attempt in range(DOWNLOAD_RETRIES):
         try:
             return fetch_once(url, path)
-        except (RetryableError, requests.RequestException) as e:
+        except (RetryableError, requests.RequestException, urllib3.exceptions.HTTPError) as e:
             error = e
             if attempt + 1 < DOWNLOAD_RETRIES:
                 log(f"download of {url} failed ({type(e).__name__}: {str(e)[:200]}); retrying")
