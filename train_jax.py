@@ -477,9 +477,9 @@ def check_flags(flags):
     if flags["seed"] >= 2**32:
         raise UserError(f"--seed must be below 2**32, got {flags['seed']}")
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
-        check_number(flags[name], name, 0, math.inf, closed_high=False)
+        check_number(flags[name], name, 0, math.inf)
     for name in ("dropout", "beta1", "beta2"):
-        check_number(flags[name], name, 0, 1, closed_high=False)
+        check_number(flags[name], name, 0, 1)
     folders = check_run_flags(flags)
     if flags["n_embd"] % flags["n_head"]:
         raise UserError(f"--n_embd {flags['n_embd']} must be a multiple of --n_head {flags['n_head']}")

@@ -10,7 +10,6 @@ import difflib
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import sys
@@ -28,7 +27,6 @@ BASE_URL_ENV = "GPT2_BASE_URL"
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 CACHE_FILE = "params.npz"
 FINGERPRINT_KEY = "__fingerprint__"
-REPAIR = "delete it and run again to download it afresh (released sizes), or restore it"
 DOWNLOAD_RETRIES, DOWNLOAD_BACKOFF_S, DOWNLOAD_TIMEOUT_S = 5, 1.0, 30  # backoff doubles per try
 
 
@@ -61,7 +59,7 @@ def parse_flag_value(value):
 
 def check_flag_names(fn, argv):
     """Fire would take an unknown --flag for a prompt, or fail with a page of usage: name it instead."""
-    names = [name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = [name for name, p in inspect.signature(fn).parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for arg in argv:
         if arg == "--":  # fire's own flags follow
             return
@@ -85,12 +83,10 @@ def check_folder(path, flag):
     return path
 
 
-def check_number(value, flag, low, high, closed_high=True):
-    """A finite int or float in [low, high] (or [low, high)): fire reads `--x 1e999` as inf and `--x nan` as text."""
-    inside = type(value) in (int, float) and math.isfinite(value) and low <= value and (value <= high if closed_high else value < high)
-    if not inside:
-        right = "]" if closed_high else ")"
-        raise UserError(f"--{flag} must be a number in [{low}, {high}{right}, got {value!r}")
+def check_number(value, flag, low, high):
+    """An int or float in [low, high) (fire reads `--x 1e999` as inf, and `--x nan` as text)."""
+    if type(value) not in (int, float) or not low <= value < high:
+        raise UserError(f"--{flag} must be a number in [{low}, {high}), got {value!r}")
     return value
 
 
@@ -248,7 +244,10 @@ def resolve_model_dir(model_size, models_dir, flag="model_size"):
         )
     model_dir = str(model_size)
     if missing := missing_release_files(model_dir):
-        raise UserError(f"--{flag} {model_dir} is not a complete checkpoint: missing {', '.join(missing)}; give a folder with all {len(RELEASE_FILES)} release files")
+        raise UserError(
+            f"--{flag} {model_dir} is not a complete checkpoint: missing {', '.join(missing)}; "
+            f"give a folder with all {len(RELEASE_FILES)} release files"
+        )
     return model_dir
 
 
@@ -260,7 +259,10 @@ def load_hparams(model_dir):
         assert all(type(hparams[k]) is int and hparams[k] > 0 for k in HPARAMS_KEYS)
         assert hparams["n_embd"] % hparams["n_head"] == 0
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is corrupt: it needs positive integers {', '.join(HPARAMS_KEYS)}; {REPAIR}")
+        raise UserError(
+            f"{path} is corrupt: it needs positive integers {', '.join(HPARAMS_KEYS)}; "
+            f"delete it and run again to download it afresh (released sizes), or restore it"
+        )
     return hparams
 
 
@@ -408,7 +410,10 @@ def load_encoder_hparams_and_params(model_size, models_dir="models"):
     try:
         encoder = load_encoder(model_dir)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"encoder.json or vocab.bpe in {model_dir} is corrupt ({e}); delete both and run again to download them afresh (released sizes), or restore them")
+        raise UserError(
+            f"encoder.json or vocab.bpe in {model_dir} is corrupt ({e}); delete both and run again to download "
+            f"them afresh (released sizes), or restore them"
+        )
     if len(encoder.encoder) != hparams["n_vocab"]:
         raise UserError(
             f"encoder.json in {model_dir} has {len(encoder.encoder)} tokens, hparams.json says "

@@ -150,7 +150,7 @@ TRAIN_CASES = [
     *[(name, [f"--{name}={value}"], "must be a positive integer")
       for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters", "eval_interval",
                    "eval_iters", "log_interval", "ckpt_interval", "keep")
-      for value in ("0", "-2", "2.5", "many")],  # fmt: skip
+      for value in ("0", "-2", "2.5", "many")],
     ("n_head", ["--n_embd=10", "--n_head=4"], "--n_embd 10 must be a multiple of --n_head 4"),
     ("block_size", ["--block_size=100000"], "too short for one block of --block_size 100000"),
     ("vocab_size", ["--vocab_size=10"], "is smaller than the data's vocabulary"),

@@ -20,7 +20,7 @@ from http_server import serve
 import gpt2
 import train_jax
 import utils
-from utils import RELEASE_FILES, UserError, download_file, flatten, load_encoder_hparams_and_params
+from utils import RELEASE_FILES, UserError, download_file
 
 BODY = bytes(range(256)) * 4096  # 1 MiB with no repeats at small offsets
 
@@ -50,8 +50,7 @@ def test_connection_dropped_at_a_random_byte_resumes_from_there(seed, tmp_path, 
     with serve({"f": BODY}, drop_after={"f": drop_at}) as server:
         download_file(f"{server.url}/f", str(tmp_path / "f"))
     assert read(tmp_path / "f") == BODY
-    (first, first_range), (second, second_range) = server.requests
-    assert first_range is None and second_range == f"bytes={drop_at}-"  # not a byte fetched twice
+    assert server.requests == [("/f", None), ("/f", f"bytes={drop_at}-")]  # not a byte fetched twice
     assert os.listdir(tmp_path) == ["f"]
 
 
@@ -275,7 +274,7 @@ def test_a_half_written_checkpoint_is_never_the_latest(data_dir, tmp_path):
     train_jax.fit(flags)
     shutil.copytree(out / "checkpoints" / "4", out / "checkpoints" / "6.orbax-checkpoint-tmp-1234")  # a save killed part way
     summary = train_jax.fit({**flags, "max_iters": 6, "resume": True})
-    assert list(summary["losses"])[0] == 5  # resumed after step 4, not from the half-written 6
+    assert min(summary["losses"]) == 5  # resumed after step 4, not from the half-written 6
     assert steps_on_disk(out)[-1] == 6
 
 
@@ -293,8 +292,10 @@ def test_a_nan_loss_stops_the_run_at_its_step_with_the_last_good_checkpoint_inta
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert err == [
-        "error: the loss is nan at step 2; stopped with the last good checkpoint (step 1) intact: lower --learning_rate "
-        "in a new run, or --resume with --nan_policy skip"
+        (
+            "error: the loss is nan at step 2; stopped with the last good checkpoint (step 1) intact: lower "
+            "--learning_rate in a new run, or --resume with --nan_policy skip"
+        )
     ]
     assert steps_on_disk(out) == [1]
     manager = train_jax.checkpoint_manager(str(out), 3)
