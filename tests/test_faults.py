@@ -16,25 +16,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, one_line_error
 from http_server import serve
+from test_download import BODY, fast_retries, read  # noqa: F401 (fast_retries: an autouse fixture)
+from test_train import data_dir  # noqa: F401 (a fixture: the test corpus, prepared with the bytes tokenizer)
 
 import gpt2
 import train_jax
 import utils
 from utils import RELEASE_FILES, UserError, download_file
-
-BODY = bytes(range(256)) * 4096  # 1 MiB with no repeats at small offsets
-
-
-@pytest.fixture
-def fast_retries(monkeypatch):
-    monkeypatch.setattr(utils, "DOWNLOAD_BACKOFF_S", 0.01)
-    monkeypatch.setattr(utils, "DOWNLOAD_TIMEOUT_S", 3)
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
 
 def release_files(model_dir, size="124M"):
     return {f"{size}/{name}": read(os.path.join(model_dir, name)) for name in RELEASE_FILES}
@@ -45,7 +33,7 @@ def release_files(model_dir, size="124M"):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_connection_dropped_at_a_random_byte_resumes_from_there(seed, tmp_path, fast_retries):
+def test_connection_dropped_at_a_random_byte_resumes_from_there(seed, tmp_path):
     drop_at = random.Random(seed).randrange(1, len(BODY))
     with serve({"f": BODY}, drop_after={"f": drop_at}) as server:
         download_file(f"{server.url}/f", str(tmp_path / "f"))
@@ -54,7 +42,7 @@ def test_connection_dropped_at_a_random_byte_resumes_from_there(seed, tmp_path, 
     assert os.listdir(tmp_path) == ["f"]
 
 
-def test_a_shorter_content_length_is_caught_at_load_and_a_fresh_download_repairs_it(tf_model, tmp_path, monkeypatch, fast_retries, capsys):
+def test_a_shorter_content_length_is_caught_at_load_and_a_fresh_download_repairs_it(tf_model, tmp_path, monkeypatch, capsys):
     """HTTP cannot tell a body cut to a wrong Content-Length from the whole file; the checkpoint's
     own checksums can. The error says which files to delete, and the next run fetches them again."""
     data = "model.ckpt.data-00000-of-00001"
@@ -114,7 +102,7 @@ class FullDisk:
         self.f.close()
 
 
-def test_a_full_disk_is_one_clear_error_and_no_final_file(tmp_path, monkeypatch, fast_retries):
+def test_a_full_disk_is_one_clear_error_and_no_final_file(tmp_path, monkeypatch):
     room = 5 * (1 << 16) + 123
     monkeypatch.setattr(utils, "open", lambda path, mode: FullDisk(open(path, mode), room), raising=False)
     path = tmp_path / "model.ckpt.data"
@@ -206,16 +194,7 @@ def test_a_corrupt_release_file_is_named_and_a_fresh_download_repairs_it(damage,
 # ---------------------------------------------------------------------------------------------
 # 3. Training: killed at random moments, half-written checkpoints, NaN losses
 
-CORPUS = "".join(f"ROMEO: speak line {i} of the play, {i * 7 % 13} times.\nJULIET: and I answer {i % 5}!\n\n" for i in range(200))
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, data_url="", peak_flops=1e9, eval_iters=2)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "input.txt").write_text(CORPUS, encoding="utf-8")
-    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
-    return str(folder / "data")
 
 
 def steps_on_disk(out_dir):
