@@ -373,8 +373,9 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype):  # input
     loss = losses.mean()
     finite = jax.numpy.isfinite(loss) & jax.numpy.isfinite(optax.global_norm(grads))
     keep_finite = lambda new, old: jax.numpy.where(finite, new, old)  # a NaN step leaves params and moments as they were
-    new = jax.tree.map(keep_finite, (optax.apply_updates(state["params"], updates), opt_state), (state["params"], state["opt_state"]))
-    return {"params": new[0], "opt_state": new[1], "key": key}, jax.numpy.where(finite, loss, jax.numpy.nan)
+    params = jax.tree.map(keep_finite, optax.apply_updates(state["params"], updates), state["params"])
+    opt_state = jax.tree.map(keep_finite, opt_state, state["opt_state"])
+    return {"params": params, "opt_state": opt_state, "key": key}, jax.numpy.where(finite, loss, jax.numpy.nan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +497,8 @@ def check_run_flags(flags):
         raise UserError(f"unknown --nan_policy {flags['nan_policy']!r}: use {' or '.join(NAN_POLICIES)}")
     if flags["data_url"] and not re.match(r"https?://", str(flags["data_url"])):
         raise UserError(f"--data_url {flags['data_url']!r} is not an http(s) URL: give one, or '' to require prepared data")
-    return {**{name: check_folder(flags[name], name) for name in ("data_dir", "out_dir", "models_dir")}, "init_from": str(flags["init_from"])}
+    folders = {name: check_folder(flags[name], name) for name in ("data_dir", "out_dir", "models_dir")}
+    return {**folders, "init_from": str(flags["init_from"])}
 
 
 def initial_model(flags, meta):
