@@ -4,8 +4,10 @@
 
 Generations run in this process through gpt2's command line on a small random checkpoint; each must
 print its text, or (when the random prompt leaves no room in n_ctx) exit 2 with one `error:` line.
-Anything else (a traceback, another exit code, several error lines) is a failure. The resident
-memory is printed every quarter: after the first quarter has compiled the programs it must not grow.
+Anything else (a traceback, another exit code, several error lines) is a failure. The second half
+repeats the first half's command lines in another order: each must print the same text as before,
+and the resident memory must not grow over it (the first half grows it by the programs JAX compiles
+and keeps for each new shape and sampling setting).
 
 Training runs in subprocesses that are SIGKILLed at random moments and resumed; the finished params
 must equal an uninterrupted run's, bit for bit. Prints the failures (must be 0) and peak memory.
@@ -56,34 +58,37 @@ def random_argv(rng, model_dir):
 
 
 def generate_once(argv):
-    """'ok', 'rejected' (exit 2 with one error line) or a description of the failure."""
+    """('ok', text), ('rejected', error line) or ('failed', what happened)."""
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             gpt2.cli(argv)
     except SystemExit as e:
         errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
-        return "rejected" if e.code == 2 and len(errors) == 1 else f"exit {e.code}: {err.getvalue()[-300:]!r}"
+        if e.code == 2 and len(errors) == 1:
+            return "rejected", errors[0]
+        return "failed", f"exit {e.code}: {err.getvalue()[-300:]!r}"
     except Exception as e:  # noqa: BLE001 (any exception is what the soak counts)
-        return f"{type(e).__name__}: {e}"
-    return "ok" if out.getvalue().endswith("\n") else f"no text: {out.getvalue()!r}"
+        return "failed", f"{type(e).__name__}: {e}"
+    return ("ok", out.getvalue()) if out.getvalue().endswith("\n") else ("failed", f"no text: {out.getvalue()!r}")
 
 
 def soak_generation(n, seconds, seed, folder):
     model_dir = random_checkpoint(os.path.join(folder, "model"), HPARAMS, seed=0)
     rng = random.Random(seed)
-    counts, failures, memory, start = {"ok": 0, "rejected": 0}, [], [], time.perf_counter()
-    for i in range(n):
+    first = [random_argv(rng, model_dir) for _ in range(n // 2)]
+    runs = [*enumerate(first), *rng.sample(list(enumerate(first)), len(first))]  # then the same again, shuffled
+    results, counts, failures, memory, start = {}, {"ok": 0, "rejected": 0}, [], [], time.perf_counter()
+    for i, (index, argv) in enumerate(runs):
         if time.perf_counter() - start > seconds:
-            print(f"generation: stopped by the time bound after {i} of {n}")
+            print(f"generation: stopped by the time bound after {i} of {len(runs)}")
             break
-        argv = random_argv(rng, model_dir)
         result = generate_once(argv)
-        if result in counts:
-            counts[result] += 1
+        if result[0] == "failed" or results.setdefault(index, result) != result:
+            failures.append((argv, result if result[0] == "failed" else f"printed {results[index]!r} first, then {result!r}"))
         else:
-            failures.append((argv, result))
-        if (i + 1) % max(1, n // 4) == 0:
+            counts[result[0]] += 1
+        if i + 1 in (len(first) // 2, len(first), len(runs)):
             memory.append((i + 1, rss_mb()))
     elapsed = time.perf_counter() - start
     print(f"generation: {sum(counts.values()) + len(failures)} runs in {elapsed:.0f} s, {counts['ok']} ok, "
@@ -91,9 +96,27 @@ def soak_generation(n, seconds, seed, folder):
     for argv, result in failures:
         print(f"  FAILED {argv}: {result}")
     print("generation: resident memory " + ", ".join(f"{mb:.0f} MB after {i}" for i, mb in memory))
-    grew = len(memory) > 1 and memory[-1][1] > memory[0][1] * 1.10
-    print(f"generation: memory {'GREW' if grew else 'flat'} after the first quarter (>10% counts as growth)")
+    grew = len(memory) == 3 and memory[2][1] > memory[1][1] * 1.05
+    print(f"generation: memory {'GREW' if grew else 'flat'} over the repeated half (>5% counts as growth)")
     return len(failures) + grew
+
+
+def peak_mb(pid):
+    """The peak resident memory of a running process (since its exec), in MB; 0 once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (FileNotFoundError, StopIteration):
+        return 0.0
+
+
+def run_until(process, done):
+    """Poll `process` until `done()` or its exit; its peak memory seen meanwhile."""
+    peak = 0.0
+    while process.poll() is None and not done():
+        peak = max(peak, peak_mb(process.pid))
+        time.sleep(0.002)
+    return max(peak, peak_mb(process.pid))
 
 
 def train_argv(data_dir, out_dir):
@@ -109,31 +132,32 @@ def soak_training(kills, seed, folder):
         f.write("".join(f"ROMEO: line {i} of the play.\nJULIET: and {i % 7}!\n\n" for i in range(300)))
     data_dir, out_dir = os.path.join(folder, "data"), os.path.join(folder, "killed")
     train_jax.prepare(input=corpus, out=data_dir, tokenizer="bytes")
-    rng, failures, start = random.Random(seed), 0, time.perf_counter()
+    rng, failures, peaks, start = random.Random(seed), 0, [], time.perf_counter()
     ckpts = os.path.join(out_dir, "checkpoints")
     steps = lambda: sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
     for kill in range(kills):
         resume = ["--resume"] if steps() else []
         process = subprocess.Popen([*train_argv(data_dir, out_dir), *resume], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = (steps() or [0])[-1] + 5
-        while process.poll() is None and (steps() or [0])[-1] < target:
-            time.sleep(0.002)
+        peak = run_until(process, lambda: (steps() or [0])[-1] >= target)
         time.sleep(rng.uniform(0, 0.5))
+        peaks.append(max(peak, peak_mb(process.pid)))
         process.send_signal(signal.SIGKILL)
         code = process.wait()
         print(f"training: kill {kill + 1} at step {(steps() or [0])[-1]} ({'killed' if code == -signal.SIGKILL else f'exit {code}'})")
         if code not in (-signal.SIGKILL, 0):
             failures += 1
-    finished = subprocess.run([*train_argv(data_dir, out_dir), "--resume"], capture_output=True, text=True)
-    failures += finished.returncode != 0
+    finished = subprocess.Popen([*train_argv(data_dir, out_dir), "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peaks.append(run_until(finished, lambda: False))
+    failures += finished.wait() != 0
     whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=os.path.join(folder, "whole"), **TRAIN_FLAGS))
     manager = train_jax.checkpoint_manager(out_dir, 2)
     state, _ = train_jax.restore_checkpoint(manager, TRAIN_FLAGS["max_iters"], whole["state"])
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])))
     failures += not same
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"training: {kills} kills and a resume in {time.perf_counter() - start:.0f} s; finished params "
-          f"{'bit-exact' if same else 'DIFFER'}; peak memory of a training process {peak:.0f} MB; {failures} failures")  # fmt: skip
+          f"{'bit-exact' if same else 'DIFFER'}; peak memory of each training process "
+          f"{', '.join(f'{mb:.0f}' for mb in peaks)} MB; {failures} failures")  # fmt: skip
     return failures
 
 
