@@ -13,7 +13,15 @@ import os
 
 import numpy as np
 
-from utils import UserError, check_positive_int, encode_prompt, load_encoder_hparams_and_params, log, run_cli
+from utils import (
+    UserError,
+    check_folder,
+    check_positive_int,
+    encode_prompt,
+    load_encoder_hparams_and_params,
+    log,
+    run_cli,
+)
 
 BACKENDS = ("jax", "numpy")
 DTYPES = {"jax": ("float32", "bfloat16"), "numpy": ("float32",)}  # NumPy has no fast bfloat16 matmul
@@ -167,7 +175,7 @@ def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, gumbel=None):  # [..
     return (filter_logits(logits, top_k, top_p) / temperature + gumbel).argmax(axis=-1)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=16)  # a long-lived process keeps the programs of its last 16 shapes
 def jax_programs(n_head, n_max, batch, temperature, top_k, top_p):
     """The jitted prefill and decode step for one shape and sampling setting, made once."""
     import jax
@@ -279,11 +287,14 @@ def to_backend(params, backend, dtype=None):
 
 def read_prompts_file(path):
     """One prompt per line; blank lines are skipped."""
+    path = str(path)  # fire reads `--prompts_file 5` as a number, which open() takes for a file descriptor
     try:
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\r\n") for line in f if line.strip()]
     except FileNotFoundError:
         raise UserError(f"--prompts_file {path!r} does not exist: give a text file with one prompt per line")
+    except OSError as e:
+        raise UserError(f"--prompts_file {path!r} cannot be read ({e.strerror}): give a text file with one prompt per line")
     except UnicodeDecodeError as e:
         raise UserError(f"--prompts_file {path!r} is not UTF-8 text (byte {e.start}): re-save it as UTF-8")
 
@@ -298,14 +309,19 @@ def print_stream(encoder, token_stream):
 
 
 def check_sampling(temperature, top_k, top_p, seed):
-    if type(temperature) not in (int, float) or temperature < 0:
+    if type(temperature) not in (int, float) or not 0 <= temperature < math.inf:
         raise UserError(f"--temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
     if type(top_k) is not int or top_k < 0:
         raise UserError(f"--top_k must be an integer >= 0 (0 keeps all tokens), got {top_k!r}")
     if type(top_p) not in (int, float) or not 0 < top_p <= 1:
         raise UserError(f"--top_p must be a number in (0, 1] (1 keeps all tokens), got {top_p!r}")
-    if type(seed) is not int:
-        raise UserError(f"--seed must be an integer, got {seed!r}")
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def check_fits_model(top_k, hparams):
+    if top_k > hparams["n_vocab"]:
+        raise UserError(f"--top_k {top_k} exceeds the vocabulary of {hparams['n_vocab']} tokens: use at most that (0 keeps all)")
 
 
 def main(
@@ -349,8 +365,12 @@ def main(
         raise UserError(f"--mesh {mesh} needs --backend jax")
     check_positive_int(n_tokens_to_generate, "n_tokens_to_generate")
     check_sampling(temperature, top_k, top_p, seed)
+    if type(stop_at_eot) is not bool:
+        raise UserError(f"--stop_at_eot takes no value: give --stop_at_eot or --nostop_at_eot, got {stop_at_eot!r}")
+    check_folder(models_dir, "models_dir")
     prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])] or [""]
-    encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
+    encoder, hparams, params = load_encoder_hparams_and_params(model_size, str(models_dir))
+    check_fits_model(top_k, hparams)
     inputs = [encode_prompt(encoder, hparams, prompt, n_tokens_to_generate) for prompt in prompts]
     log(f"{len(inputs)} prompt(s), up to {max(map(len, inputs))} tokens; generating {n_tokens_to_generate} with {backend}")
     if backend == "jax":

@@ -72,7 +72,8 @@ def mesh_sizes(spec, n_devices):
         used = f"the other axes use {fixed}" if rest else f"uses {fixed}"
         raise UserError(
             f"--mesh {spec} {used} devices but there are {n_devices}: make the sizes multiply to {n_devices} "
-            f"(each a divisor of it: {', '.join(map(str, divisors(n_devices)))}), e.g. --mesh dp={n_devices} or dp=-1,tp=2"
+            f"(each a divisor of it: {', '.join(map(str, divisors(n_devices)))}), e.g. --mesh dp={n_devices}"
+            + (" or dp=-1,tp=2" if n_devices % 2 == 0 else "")
         )
     return sizes
 

@@ -12,6 +12,7 @@ dropout key is carried in the train state, so `--resume` repeats the uninterrupt
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,6 +36,8 @@ from utils import (
     VOCAB_FILES,
     UserError,
     base_url,
+    check_folder,
+    check_number,
     check_positive_int,
     download_file,
     expected_shapes,
@@ -50,6 +53,7 @@ from utils import (
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENIZERS = ("gpt2", "bytes")
 DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("stop", "skip")
 CHUNK_BYTES = 1 << 20  # prepare reads and encodes about this much text at a time
 INIT_STD = 0.02
 # Weight decay on the 2-D matrices (the conv weights and both embeddings, as in nanoGPT), none on
@@ -59,7 +63,7 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # the random streams batches are drawn from, w
 CONFIG_FILE = "config.json"
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
 RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
-                   "mesh", "coordinator_address", "num_processes", "process_id")  # fmt: skip
+                   "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +77,18 @@ def check_inputs(paths):
         if not os.path.isfile(path):
             raise UserError(f"--input {path!r} is not a file: give the path of a text file")
     if sum(os.path.getsize(path) for path in paths) == 0:
-        raise UserError(f"the input ({', '.join(paths)}) is empty: give a file with some text")
+        raise UserError(f"--input {', '.join(paths)} is empty: give a file with some text")
+
+
+def check_utf8(paths):
+    """Every line decodes as UTF-8 (one streaming pass), so that a bad byte stops prepare before it writes."""
+    for path in paths:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"--input {path} line {number} is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes")
 
 
 def byte_vocabulary(paths, bar):
@@ -114,11 +129,8 @@ def text_chunks(path, chunk_bytes=CHUNK_BYTES):
     such a cut, so encoding the pieces gives the ids of encoding the whole."""
     lines, size, previous = [], 0, ""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path} line {number} is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes")
+        for raw in f:
+            line = raw.decode("utf-8")  # check_utf8 has read it
             if size >= chunk_bytes and not line[:1].isspace() and previous[-2:-1] not in ("", *" \t\r\n\f\v"):
                 yield "".join(lines), size
                 lines, size = [], 0
@@ -178,7 +190,10 @@ def prepare(*more_inputs, input=None, out=None, tokenizer="gpt2", val_fraction=0
         raise UserError(f"--val_fraction must be a number between 0 and 1 (e.g. 0.1), got {val_fraction!r}")
     from tqdm import tqdm
 
-    out = str(out)
+    out, vocab_dir = check_folder(out, "out"), check_folder(vocab_dir, "vocab_dir")
+    if tokenizer == "gpt2":
+        check_utf8(paths)
+        gpt2_vocab(vocab_dir)
     os.makedirs(out, exist_ok=True)
     total = sum(os.path.getsize(path) for path in paths)
     bar = lambda desc: tqdm(desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
@@ -189,7 +204,7 @@ def prepare(*more_inputs, input=None, out=None, tokenizer="gpt2", val_fraction=0
         vocab_size, chunks = len(present), lambda b: byte_ids(paths, present, b)
     else:
         for name in VOCAB_FILES:
-            shutil.copyfile(os.path.join(gpt2_vocab(str(vocab_dir)), name), os.path.join(out, name))
+            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(out, name))
         encoder = load_encoder(out)
         vocab_size, chunks = len(encoder.encoder), lambda b: gpt2_ids(paths, encoder, b)
     train_path, val_path = os.path.join(out, "train.bin"), os.path.join(out, "val.bin")
@@ -212,8 +227,15 @@ def read_meta(data_dir):
     if not os.path.isfile(path):
         log(f"note: {data_dir} has no meta.json; assuming GPT-2 BPE ids (vocabulary of 50257)")
         return {"tokenizer": "gpt2", "vocab_size": 50257}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, f"prepare --data_dir {data_dir} again (python train_jax.py prepare --input FILE --out {data_dir})")
+
+
+def read_json(path, fix):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}): {fix}")
 
 
 def ensure_data(data_dir, data_url):
@@ -222,7 +244,7 @@ def ensure_data(data_dir, data_url):
     if os.path.isfile(os.path.join(data_dir, "train.bin")):
         return
     if not data_url:
-        raise UserError(f"{data_dir} has no train.bin: run `python train_jax.py prepare --input FILE --out {data_dir}`")
+        raise UserError(f"--data_dir {data_dir} has no train.bin: run `python train_jax.py prepare --input FILE --out {data_dir}`")
     text = os.path.join(data_dir, "input.txt")
     if not os.path.isfile(text):
         log(f"downloading {data_url} to {text}")
@@ -357,7 +379,9 @@ def init_sharded_state(params, optimizer, seed, mesh):
 
 
 def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None):  # inputs, targets [grad_accum, batch, n_seq]
-    """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, loss)."""
+    """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, loss).
+    When the loss or a gradient is not finite, the params and optimizer state are left unchanged and
+    the loss returned is not finite (NaN if only a gradient was)."""
     import jax
     import optax
 
@@ -374,7 +398,12 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_s
     grad_sum, losses = jax.lax.scan(accumulate, zeros, (inputs, targets, jax.random.split(step_key, n_micro)))
     grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "key": key}, losses.mean()
+    loss = losses.mean()
+    finite = jax.numpy.isfinite(loss) & jax.numpy.isfinite(optax.global_norm(grads))
+    keep_finite = lambda new, old: jax.numpy.where(finite, new, old)  # a NaN step leaves params and moments as they were
+    params = jax.tree.map(keep_finite, optax.apply_updates(state["params"], updates), state["params"])
+    opt_state = jax.tree.map(keep_finite, opt_state, state["opt_state"])
+    return {"params": params, "opt_state": opt_state, "key": key}, jax.numpy.where(finite, loss, jax.numpy.nan)
 
 
 def jit_train_step(shardings, batch, **step_args):
@@ -405,7 +434,14 @@ def checkpoint_manager(out_dir, keep):
         preservation_policy=AnyPreservationPolicy([LatestN(n=keep), best]),
         enable_async_checkpointing=False,  # the next step donates the state's buffers
     )
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options)
+    folder = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+    try:
+        return ocp.CheckpointManager(folder, options=options)
+    except (ValueError, OSError, KeyError, TypeError) as e:  # it reads every step's metrics (JSON)
+        raise UserError(
+            f"a checkpoint in {folder} cannot be read ({type(e).__name__}): move the damaged step folder away "
+            f"to use the steps before it"
+        )
 
 
 def save_checkpoint(manager, step, state, seed, val_loss):
@@ -421,16 +457,31 @@ def restore_checkpoint(manager, step, target):
     import orbax.checkpoint as ocp
 
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore())
-    restored = manager.restore(step, args=args)
+    try:
+        restored = manager.restore(step, args=args)
+    except (ValueError, OSError, KeyError, TypeError) as e:  # orbax reads JSON, msgpack and tensorstore: never pickle
+        folder = os.path.join(manager.directory, str(step))
+        raise UserError(
+            f"the checkpoint {folder} cannot be read ({type(e).__name__}): move that folder away to use the "
+            f"checkpoint before it (the run has steps {list(manager.all_steps())})"
+        )
     return restored["state"], restored["loader"]
 
 
-def read_config(out_dir):
+def state_shape(config):
+    """The shapes and dtypes of a run's train state, from its config.json: the target to restore into."""
+    import jax
+
+    flags, hparams = config["flags"], config["hparams"]
+    optimizer, _ = make_optimizer(jax.eval_shape(lambda: init_params(hparams, 0)), **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    return jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
+
+
+def read_config(out_dir, flag="out_dir"):
     path = os.path.join(out_dir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"{out_dir} holds no training run ({CONFIG_FILE} is missing): give the --out_dir of a run")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise UserError(f"--{flag} {out_dir} holds no training run ({CONFIG_FILE} is missing): give the --out_dir of a run")
+    return read_json(path, "restore it, or start a new run in another --out_dir")
 
 
 def write_config(out_dir, flags, hparams, vocab_dir):
@@ -463,17 +514,30 @@ def check_flags(flags):
     for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "seed"):
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
+    if flags["seed"] >= 2**32:
+        raise UserError(f"--seed must be below 2**32, got {flags['seed']}")
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
-        if type(flags[name]) not in (int, float) or flags[name] < 0:
-            raise UserError(f"--{name} must be a number >= 0, got {flags[name]!r}")
+        check_number(flags[name], name, 0, math.inf)
     for name in ("dropout", "beta1", "beta2"):
-        if type(flags[name]) not in (int, float) or not 0 <= flags[name] < 1:
-            raise UserError(f"--{name} must be a number in [0, 1), got {flags[name]!r}")
+        check_number(flags[name], name, 0, 1)
+    folders = check_run_flags(flags)
     if flags["n_embd"] % flags["n_head"]:
         raise UserError(f"--n_embd {flags['n_embd']} must be a multiple of --n_head {flags['n_head']}")
     if flags["dtype"] not in DTYPES:
         raise UserError(f"unknown --dtype {flags['dtype']!r}: use {' or '.join(DTYPES)}")
-    return {**flags, "lr_decay_iters": flags["lr_decay_iters"] or flags["max_iters"]}
+    return {**flags, **folders, "lr_decay_iters": flags["lr_decay_iters"] or flags["max_iters"]}
+
+
+def check_run_flags(flags):
+    """The flags that are not numbers: switches, names, folders and the data URL; the folders as text."""
+    if type(flags["resume"]) is not bool:
+        raise UserError(f"--resume takes no value: give --resume or leave it out, got {flags['resume']!r}")
+    if flags["nan_policy"] not in NAN_POLICIES:
+        raise UserError(f"unknown --nan_policy {flags['nan_policy']!r}: use {' or '.join(NAN_POLICIES)}")
+    if flags["data_url"] and not re.match(r"https?://", str(flags["data_url"])):
+        raise UserError(f"--data_url {flags['data_url']!r} is not an http(s) URL: give one, or '' to require prepared data")
+    folders = {name: check_folder(flags[name], name) for name in ("data_dir", "out_dir", "models_dir")}
+    return {**folders, "init_from": str(flags["init_from"])}
 
 
 def initial_model(flags, meta):
@@ -481,12 +545,12 @@ def initial_model(flags, meta):
     if flags["init_from"] == "scratch":
         n_vocab = flags["vocab_size"] or meta["vocab_size"]
         if n_vocab < meta["vocab_size"]:
-            raise UserError(f"--vocab_size {n_vocab} is smaller than the data's vocabulary of {meta['vocab_size']}")
+            raise UserError(f"--vocab_size {n_vocab} is smaller than the data's vocabulary of {meta['vocab_size']}: give 0 (the data's) or more")
         hparams = {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
         has_vocab = all(os.path.isfile(os.path.join(flags["data_dir"], name)) for name in VOCAB_FILES)
         vocab_dir = flags["data_dir"] if has_vocab else gpt2_vocab(os.path.join(flags["models_dir"], "124M"))
         return hparams, init_params(hparams, flags["seed"]), vocab_dir
-    model_dir = resolve_model_dir(flags["init_from"], flags["models_dir"])
+    model_dir = resolve_model_dir(flags["init_from"], flags["models_dir"], flag="init_from")
     _, hparams, params = load_encoder_hparams_and_params(model_dir)
     if flags["block_size"] > hparams["n_ctx"]:
         raise UserError(f"--block_size {flags['block_size']} exceeds the n_ctx {hparams['n_ctx']} of {flags['init_from']}")
@@ -522,6 +586,20 @@ def estimate_loss(eval_loss, params, batches):
     return float(np.mean([eval_loss(params, x, y) for x, y in batches]))
 
 
+def check_loss(loss, step, nan_policy, last_checkpoint, bar):
+    """Stop the run at a non-finite loss (its update was not applied), or go on without that update."""
+    if math.isfinite(loss):
+        return
+    if nan_policy == "skip":
+        bar.write(f"step {step}: loss {loss}, update skipped (--nan_policy skip)", file=sys.stderr)
+        return
+    bar.close()  # the error goes on a line of its own
+    raise UserError(
+        f"the loss is {loss} at step {step}; stopped with the last good checkpoint (step {last_checkpoint}) intact: "
+        f"lower --learning_rate in a new run, or --resume with --nan_policy skip"
+    )
+
+
 def fit(flags):
     """Train with checked flags (see `train`); returns a summary: the final state, best val loss and
     its step, the loss of every logged step, the mean ms per step and tokens per second."""
@@ -534,6 +612,8 @@ def fit(flags):
     initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
     main_process = jax.process_index() == 0  # the one that logs and writes config.json
     say = log if main_process else lambda *args: None
+    if flags["resume"]:
+        check_resume(flags["out_dir"], flags)
     data_dir, out_dir, seed, block_size = flags["data_dir"], flags["out_dir"], flags["seed"], flags["block_size"]
     ensure_data(data_dir, flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(data_dir))
@@ -546,7 +626,6 @@ def fit(flags):
     manager = checkpoint_manager(out_dir, flags["keep"])
     start = 0
     if flags["resume"]:
-        check_resume(out_dir, flags)
         if manager.latest_step() is None:
             raise UserError(f"--resume: {out_dir} has no checkpoint yet; run without --resume")
         state, loader = restore_checkpoint(manager, manager.latest_step(), state)
@@ -590,6 +669,7 @@ def fit(flags):
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)  # [grad_accum, batch, block_size] each
         state, loss = step_fn(state, inputs, targets)
         done, window_steps = step + 1, window_steps + 1
+        check_loss(float(loss), done, flags["nan_policy"], manager.latest_step(), bar)
         bar.update()
         last = done == flags["max_iters"]
         saving = done % flags["ckpt_interval"] == 0 or last
@@ -656,6 +736,7 @@ def train(
     seed=1337,
     dtype="float32",
     peak_flops=0.0,
+    nan_policy="stop",
     mesh="",
     coordinator_address="",
     num_processes=1,
@@ -696,6 +777,8 @@ def train(
       seed: the seed of init, data order and dropout.
       dtype: float32, or bfloat16 (compute; the master weights stay float32).
       peak_flops: the FLOP/s MFU is relative to (0: measure a 2048x2048 float32 matmul), per device.
+      nan_policy: at a NaN or inf loss, stop (the run exits, naming the step; its checkpoints are intact)
+        or skip (that step's update is not applied and training goes on).
       mesh: the devices to train on, as axis sizes: dp=8 (data parallel), fsdp=8 (weights and optimizer
         state sharded too), tp=2 (tensor parallel), combined like dp=2,fsdp=2,tp=2; -1 is the rest of
         the devices. The sizes multiply to the job's device count. '' for one device.
@@ -719,15 +802,14 @@ def export(ckpt_dir="out/shakespeare_char", out=None, step=None):
 
     if out is None:
         raise UserError("give the model folder to write: --out MODEL_DIR")
-    config = read_config(ckpt_dir)
+    out, ckpt_dir = check_folder(out, "out"), check_folder(ckpt_dir, "ckpt_dir")
+    config = read_config(ckpt_dir, "ckpt_dir")
     manager = checkpoint_manager(ckpt_dir, config["flags"]["keep"])
     step = manager.best_step() if step is None else step
     if step not in manager.all_steps():
-        raise UserError(f"{ckpt_dir} has no checkpoint of step {step!r}; it has {list(manager.all_steps())}")
-    flags, hparams = config["flags"], config["hparams"]
-    optimizer, _ = make_optimizer(jax.eval_shape(lambda: init_params(hparams, 0)), **{k: flags[k] for k in OPTIMIZER_FLAGS})
-    target = jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
-    state, _ = restore_checkpoint(manager, step, target)
+        raise UserError(f"{ckpt_dir} has no checkpoint of --step {step!r}; it has {list(manager.all_steps())}")
+    hparams = config["hparams"]
+    state, _ = restore_checkpoint(manager, step, state_shape(config))
     n_vocab = len(load_encoder(ckpt_dir).encoder)  # a padded --vocab_size is cut back to the vocabulary
     params = {**jax.tree.map(np.asarray, state["params"]), "wte": np.asarray(state["params"]["wte"])[:n_vocab]}
     save_gpt2_checkpoint(params, {**hparams, "n_vocab": n_vocab}, str(out), ckpt_dir)

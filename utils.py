@@ -5,7 +5,10 @@ writes `params.npz` beside it; later loads read that cache with NumPy alone (no 
 pickle) and rebuild it when the checkpoint changes.
 """
 
+import contextlib
+import difflib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -36,10 +39,55 @@ def run_cli(fn, argv=None):
     import fire
 
     try:
-        fire.Fire(fn, command=argv)
+        check_flag_names(fn, sys.argv[1:] if argv is None else argv)
+        fire.Fire(fire.decorators.SetParseFn(parse_flag_value)(fn), command=argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_flag_value(value):
+    """Fire's reading of a value as a Python literal (5, 0.5, True, [1, 2]) or else as text; text that
+    Python's parser runs out of memory on (a prompt of thousands of words) stays text."""
+    import fire.parser
+
+    try:
+        return fire.parser.DefaultParseValue(value)
+    except (MemoryError, RecursionError):
+        return value
+
+
+def check_flag_names(fn, argv):
+    """Fire would take an unknown --flag for a prompt, or fail with a page of usage: name it instead."""
+    names = [name for name, p in inspect.signature(fn).parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for arg in argv:
+        if arg == "--":  # fire's own flags follow
+            return
+        match = re.fullmatch(r"(--?)([A-Za-z][\w-]*)(=.*)?", arg)
+        if not match:
+            continue
+        name = match[2].replace("-", "_")
+        short = len(name) == 1 and sum(n.startswith(name) for n in names) == 1  # fire's -n for --n_tokens...
+        if name in ("help", "h") or short or name in names or (name.startswith("no") and name[2:] in names):
+            continue
+        close = [n for n in names if n.startswith(name)] or difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        hint = f"did you mean --{close[0]}?" if close else f"the flags are --{', --'.join(names)}"
+        raise UserError(f"unknown flag {match[1]}{match[2]}: {hint} (see --help)")
+
+
+def check_folder(path, flag):
+    """A folder path given as --flag (fire reads `--out 5` as the number 5): not an existing file."""
+    path = str(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--{flag} {path!r} is a file, not a folder: give the path of a folder")
+    return path
+
+
+def check_number(value, flag, low, high):
+    """An int or float in [low, high) (fire reads `--x 1e999` as inf, and `--x nan` as text)."""
+    if type(value) not in (int, float) or not low <= value < high:
+        raise UserError(f"--{flag} must be a number in [{low}, {high}), got {value!r}")
+    return value
 
 
 def log(*args):
@@ -94,12 +142,22 @@ def fetch_once(url, path):
         total = content_total(response, start)
         mode = "ab" if start else "wb"
         name = os.path.basename(path)
-        with open(part, mode) as f, tqdm(
-            desc=name, total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, leave=False
-        ) as bar:
-            for chunk in response.iter_content(chunk_size=1 << 16):  # a broken read loses at most 64 KiB
-                f.write(chunk)
-                bar.update(len(chunk))
+        try:
+            with open(part, mode) as f, tqdm(
+                desc=name, total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+            ) as bar:
+                # read1 hands over every byte that arrived before a broken connection: the retry resumes there
+                for chunk in iter(lambda: response.raw.read1(1 << 16, decode_content=True), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except requests.RequestException:
+            raise
+        except OSError as e:  # the disk, not the network: retrying would not help
+            kept = os.path.getsize(part) if os.path.exists(part) else 0
+            raise UserError(
+                f"could not write {part} ({e.strerror or e}): free some disk space (or fix the folder's permissions) "
+                f"and run again; the download resumes from the {kept} bytes kept in {part}"
+            )
     size = os.path.getsize(part)
     if total is not None and size != total:
         if size > total:
@@ -108,14 +166,40 @@ def fetch_once(url, path):
     os.replace(part, path)
 
 
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on the folder itself (no lock file to leave behind); the system
+    releases it when the process ends, however it ends."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process downloading into {folder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def download_file(url, path):
-    """Download `url` to `path` via `path.part`, resuming and retrying with exponential backoff."""
+    """Download `url` to `path` via `path.part`, resuming and retrying with exponential backoff.
+    One process at a time per folder: one that waited finds the file there and uses it."""
+    with folder_lock(os.path.dirname(os.path.abspath(path))):
+        if not os.path.isfile(path):
+            fetch_with_retries(url, path)
+
+
+def fetch_with_retries(url, path):
     import requests
+    import urllib3
 
     for attempt in range(DOWNLOAD_RETRIES):
         try:
             return fetch_once(url, path)
-        except (RetryableError, requests.RequestException) as e:
+        except (RetryableError, requests.RequestException, urllib3.exceptions.HTTPError) as e:
             error = e
             if attempt + 1 < DOWNLOAD_RETRIES:
                 log(f"download of {url} failed ({type(e).__name__}: {str(e)[:200]}); retrying")
@@ -132,7 +216,10 @@ def missing_release_files(model_dir):
 
 def download_gpt2_files(model_size, model_dir):
     """Fetch whichever of the 7 release files `model_dir` lacks."""
-    os.makedirs(model_dir, exist_ok=True)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"could not create {model_dir} ({e.strerror or e}): give a writable --models_dir")
     for name in missing_release_files(model_dir):
         download_file(f"{base_url()}/{model_size}/{name}", os.path.join(model_dir, name))
 
@@ -141,23 +228,26 @@ def download_gpt2_files(model_size, model_dir):
 # Load
 
 
-def resolve_model_dir(model_size, models_dir):
+def resolve_model_dir(model_size, models_dir, flag="model_size"):
     """`models_dir/model_size` for a released size (downloading what is missing), or `model_size`
     itself when it is a folder holding a checkpoint in the release layout."""
     if model_size in MODEL_SIZES:
-        model_dir = os.path.join(models_dir, model_size)
+        model_dir = os.path.join(check_folder(models_dir, "models_dir"), model_size)
         if missing_release_files(model_dir):
             log(f"downloading GPT-2 {model_size} to {model_dir}")
             download_gpt2_files(model_size, model_dir)
         return model_dir
     if not os.path.isdir(str(model_size)):
         raise UserError(
-            f"unknown model size {model_size!r}: it is neither one of {', '.join(MODEL_SIZES)} "
+            f"unknown --{flag} {model_size!r}: it is neither one of {', '.join(MODEL_SIZES)} "
             f"nor an existing checkpoint folder"
         )
     model_dir = str(model_size)
     if missing := missing_release_files(model_dir):
-        raise UserError(f"{model_dir} is not a complete checkpoint: missing {', '.join(missing)}")
+        raise UserError(
+            f"--{flag} {model_dir} is not a complete checkpoint: missing {', '.join(missing)}; "
+            f"give a folder with all {len(RELEASE_FILES)} release files"
+        )
     return model_dir
 
 
@@ -169,7 +259,10 @@ def load_hparams(model_dir):
         assert all(type(hparams[k]) is int and hparams[k] > 0 for k in HPARAMS_KEYS)
         assert hparams["n_embd"] % hparams["n_head"] == 0
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is corrupt: it needs positive integers {', '.join(HPARAMS_KEYS)}; restore it")
+        raise UserError(
+            f"{path} is corrupt: it needs positive integers {', '.join(HPARAMS_KEYS)}; "
+            f"delete it and run again to download it afresh (released sizes), or restore it"
+        )
     return hparams
 
 
@@ -317,7 +410,10 @@ def load_encoder_hparams_and_params(model_size, models_dir="models"):
     try:
         encoder = load_encoder(model_dir)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"encoder.json or vocab.bpe in {model_dir} is corrupt ({e}); restore both files")
+        raise UserError(
+            f"encoder.json or vocab.bpe in {model_dir} is corrupt ({e}); delete both and run again to download "
+            f"them afresh (released sizes), or restore them"
+        )
     if len(encoder.encoder) != hparams["n_vocab"]:
         raise UserError(
             f"encoder.json in {model_dir} has {len(encoder.encoder)} tokens, hparams.json says "

@@ -85,7 +85,7 @@ def test_prompt_longer_than_context(tf_model, capsys):
 @pytest.mark.parametrize("size", ["999M", "../x", "124m"])
 def test_unknown_model_size_lists_valid_ones_and_writes_nothing(tmp_path, capsys, size):
     line = one_line_error(capsys, ["hi", "--model_size", size, "--models_dir", str(tmp_path / "models")])
-    assert f"unknown model size {size!r}" in line and "124M, 355M, 774M, 1558M" in line
+    assert f"unknown --model_size {size!r}" in line and "124M, 355M, 774M, 1558M" in line
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "x").exists()
 
@@ -110,5 +110,5 @@ def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path):
     result = run("gpt2.py", "hi", "--model_size", "../x", "--models_dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown model size '../x': it is neither one of 124M, 355M, 774M, 1558M nor an existing checkpoint folder"
+        "error: unknown --model_size '../x': it is neither one of 124M, 355M, 774M, 1558M nor an existing checkpoint folder"
     ]
