@@ -38,23 +38,27 @@ def run_cli(fn, argv=None):
     """Run `fn` as a fire CLI; a UserError becomes `error: ...` on stderr and exit code 2."""
     import fire
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        check_flag_names(fn, sys.argv[1:] if argv is None else argv)
-        fire.Fire(fire.decorators.SetParseFn(parse_flag_value)(fn), command=argv)
+        check_flag_names(fn, argv)
+        fire.Fire(fn, command=[quote_unparsable(arg) for arg in argv])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def parse_flag_value(value):
-    """Fire's reading of a value as a Python literal (5, 0.5, True, [1, 2]) or else as text; text that
-    Python's parser runs out of memory on (a prompt of thousands of words) stays text."""
+def quote_unparsable(arg):
+    """Fire reads each value as a Python literal (5, 0.5, True, [1, 2]) or else as text; a value that
+    Python's parser runs out of memory on (a prompt of thousands of words) goes to fire as a string
+    literal, so it stays text. (fire's SetParseFn would do this, but shows up in --help as a group.)"""
     import fire.parser
 
+    flag, equals, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
     try:
-        return fire.parser.DefaultParseValue(value)
+        fire.parser.DefaultParseValue(value)
+        return arg
     except (MemoryError, RecursionError):
-        return value
+        return flag + equals + repr(value)
 
 
 def check_flag_names(fn, argv):

@@ -55,6 +55,7 @@ def test_help_lists_flags_with_defaults():
     shown = result.stdout + result.stderr  # fire writes help to stderr when not on a terminal
     for flag, default in [("n_tokens_to_generate", "40"), ("model_size", "'124M'"), ("backend", "'jax'")]:
         assert f"--{flag}" in shown and f"Default: {default}" in shown
+    assert "GROUP" not in shown and "FIRE_METADATA" not in shown  # what fire's SetParseFn adds
 
 
 def closed_port_url():
