@@ -17,6 +17,7 @@ from utils import (
     UserError,
     check_folder,
     check_positive_int,
+    check_seed,
     encode_prompt,
     load_encoder_hparams_and_params,
     log,
@@ -116,7 +117,8 @@ def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, 
 
 def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new] -> [n_new, n_vocab]
     """Logits for the tokens in slots start..start+n_new-1, at positions slot - pad (`pad` slots of
-    left padding let a batch share its slots). With `cache` (see empty_cache) it returns (logits, updated cache). `rate` and a JAX `key` turn on dropout."""
+    left padding let a batch share its slots). With `cache` (see empty_cache) it returns (logits,
+    updated cache). `rate` and a JAX `key` turn on dropout."""
     xp = xp_of(wte)
     embd_key, *block_keys = split_key(key, len(blocks) + 1)
     positions = xp.maximum(start - pad + xp.arange(inputs.shape[0]), 0)  # [n_new], padding at 0
@@ -315,8 +317,7 @@ def check_sampling(temperature, top_k, top_p, seed):
         raise UserError(f"--top_k must be an integer >= 0 (0 keeps all tokens), got {top_k!r}")
     if type(top_p) not in (int, float) or not 0 < top_p <= 1:
         raise UserError(f"--top_p must be a number in (0, 1] (1 keeps all tokens), got {top_p!r}")
-    if type(seed) is not int or not 0 <= seed < 2**32:
-        raise UserError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+    check_seed(seed)
 
 
 def check_fits_model(top_k, hparams):

@@ -39,6 +39,7 @@ from utils import (
     check_folder,
     check_number,
     check_positive_int,
+    check_seed,
     download_file,
     expected_shapes,
     flatten,
@@ -511,11 +512,10 @@ def check_flags(flags):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep"):  # fmt: skip
         check_positive_int(flags[name], name)
-    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "seed"):
+    for name in ("vocab_size", "warmup_iters", "lr_decay_iters"):
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
-    if flags["seed"] >= 2**32:
-        raise UserError(f"--seed must be below 2**32, got {flags['seed']}")
+    check_seed(flags["seed"])
     for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
         check_number(flags[name], name, 0, math.inf)
     for name in ("dropout", "beta1", "beta2"):

@@ -426,6 +426,13 @@ def load_encoder_hparams_and_params(model_size, models_dir="models"):
     return encoder, hparams, load_params(model_dir, hparams)
 
 
+def check_seed(seed):
+    """A seed both backends' generators take: NumPy's and JAX's keys are 32-bit."""
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+    return seed
+
+
 def check_positive_int(value, flag):
     if type(value) is not int or value < 1:
         raise UserError(f"--{flag} must be a positive integer, got {value!r}")

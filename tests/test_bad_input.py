@@ -159,8 +159,10 @@ TRAIN_CASES = [
     ("block_size", ["--block_size=100000"], "too short for one block of --block_size 100000"),
     ("vocab_size", ["--vocab_size=10"], "is smaller than the data's vocabulary"),
     *[(name, [f"--{name}={value}"], "must be an integer >= 0")
-      for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "seed") for value in ("-1", "x", "1.5")],
-    ("seed", ["--seed=1099511627776"], "must be below 2**32"),
+      for name in ("vocab_size", "warmup_iters", "lr_decay_iters") for value in ("-1", "x", "1.5")],
+    *[("seed", [f"--seed={value}"], f"must be an integer in [0, 2**32), got {shown}")
+      for value, shown in (("-1", "-1"), ("x", "'x'"), ("1.5", "1.5"))],
+    ("seed", ["--seed=1099511627776"], "must be an integer in [0, 2**32), got 1099511627776"),
     *[(name, [f"--{name}={value}"], "must be a number in [0, inf)")
       for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops") for value in ("-1", "1e999", "x")],
     *[(name, [f"--{name}={value}"], "must be a number in [0, 1)")
