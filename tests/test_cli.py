@@ -64,20 +64,6 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--n_tokens_to_generate", "0"], "--n_tokens_to_generate must be a positive integer, got 0"),
-        (["--n_tokens_to_generate", "-3"], "--n_tokens_to_generate must be a positive integer"),
-        (["--n_tokens_to_generate", "many"], "--n_tokens_to_generate must be a positive integer, got 'many'"),
-        (["--n_tokens_to_generate", "60"], "the prompt is 10 tokens, so at most 54 new tokens fit in n_ctx=64"),
-        (["--backend", "torch"], "unknown --backend 'torch': use jax or numpy"),
-    ],
-)
-def test_bad_generation_flags(tf_model, capsys, args, message):
-    assert message in one_line_error(capsys, [PROMPT, "--model_size", tf_model[0], *args])
-
-
 def test_prompt_longer_than_context(tf_model, capsys):
     line = one_line_error(capsys, [PROMPT * 10, "--model_size", tf_model[0], "-n", "1"])
     assert "the prompt is 100 tokens but the model sees at most 64: shorten it" in line
