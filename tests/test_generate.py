@@ -12,7 +12,7 @@ from conftest import PROMPT, ROOT
 from tf_reference import reference_greedy
 
 import gpt2
-from utils import UserError, load_encoder_hparams_and_params
+from utils import load_encoder_hparams_and_params
 
 PROMPTS = [PROMPT, "Hi", "The quick brown fox jumps over the lazy dog, and then it", "\n\n"]
 
@@ -255,11 +255,4 @@ def test_cli_sampling_is_reproducible(tf_model):
     assert first.returncode == 0, first.stderr
     assert first.stdout == again.stdout
     assert run_cli(*args, "--seed", "6").stdout != first.stdout
-
-
-def test_non_utf8_prompts_file(tf_model, tmp_path, capsys):
-    path = tmp_path / "latin1.txt"
-    path.write_bytes("café\n".encode("latin-1"))
-    with pytest.raises(UserError, match="is not UTF-8 text"):
-        gpt2.main(prompts_file=str(path), model_size=tf_model[0])
 
