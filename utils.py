@@ -154,7 +154,7 @@ def fetch_once(url, path):
                 for chunk in iter(lambda: response.raw.read1(1 << 16, decode_content=True), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
-        except requests.RequestException:
+        except requests.RequestException:  # an OSError too, but the network's: the caller retries it
             raise
         except OSError as e:  # the disk, not the network: retrying would not help
             kept = os.path.getsize(part) if os.path.exists(part) else 0
