@@ -13,16 +13,8 @@ import os
 
 import numpy as np
 
-from utils import (
-    UserError,
-    check_folder,
-    check_positive_int,
-    check_seed,
-    encode_prompt,
-    load_encoder_hparams_and_params,
-    log,
-    run_cli,
-)
+from cli import UserError, check_folder, check_positive_int, check_seed, log, run_cli
+from utils import encode_prompt, load_encoder_hparams_and_params
 
 BACKENDS = ("jax", "numpy")
 DTYPES = {"jax": ("float32", "bfloat16"), "numpy": ("float32",)}  # NumPy has no fast bfloat16 matmul

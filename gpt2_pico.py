@@ -69,6 +69,6 @@ def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"
 
 
 if __name__ == "__main__":
-    from utils import run_cli
+    from cli import run_cli
 
     run_cli(main)

@@ -15,7 +15,8 @@ knows nothing of devices.
 import math
 import re
 
-from utils import UserError, flatten, unflatten
+from cli import UserError
+from utils import flatten, unflatten
 
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")  # the batch is split over both data-parallel axes

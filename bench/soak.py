@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from load import random_checkpoint
 
 import gpt2
+import data
 import train_jax
 
 HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
@@ -131,7 +132,7 @@ def soak_training(kills, seed, folder):
     with open(corpus, "w", encoding="utf-8") as f:
         f.write("".join(f"ROMEO: line {i} of the play.\nJULIET: and {i % 7}!\n\n" for i in range(300)))
     data_dir, out_dir = os.path.join(folder, "data"), os.path.join(folder, "killed")
-    train_jax.prepare(input=corpus, out=data_dir, tokenizer="bytes")
+    data.prepare(input=corpus, out=data_dir, tokenizer="bytes")
     rng, failures, peaks, start = random.Random(seed), 0, [], time.perf_counter()
     ckpts = os.path.join(out_dir, "checkpoints")
     steps = lambda: sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []

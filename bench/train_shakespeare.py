@@ -20,6 +20,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import data  # noqa: E402
 import train_jax  # noqa: E402
 
 BABY = dict(
@@ -37,7 +38,7 @@ def whole_split_loss(params, ids, block_size, batch_size, n_head):
     offsets = np.arange((len(ids) - 1) // block_size) * block_size  # [n_blocks]
     total = 0.0
     for start in range(0, len(offsets), batch_size):
-        inputs, targets = train_jax.get_batch(ids, offsets[start : start + batch_size], block_size)
+        inputs, targets = data.get_batch(ids, offsets[start : start + batch_size], block_size)
         total += float(loss(params, inputs, targets)) * len(inputs)
     return total / len(offsets)
 
@@ -48,7 +49,7 @@ def main(input, max_iters=2000):
     peaks = {n: train_jax.matmul_flops(n) for n in (256, 768, 2048)}
     with tempfile.TemporaryDirectory() as work:
         data_dir, out_dir = os.path.join(work, "data"), os.path.join(work, "out")
-        train_jax.prepare(input=input, out=data_dir, tokenizer="bytes")
+        data.prepare(input=input, out=data_dir, tokenizer="bytes")
         flags = dict(BABY, max_iters=max_iters, ckpt_interval=max_iters, peak_flops=peaks[2048])
         summary = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=out_dir, data_url="", **flags))
         val_ids = np.memmap(os.path.join(data_dir, "val.bin"), np.uint16, "r")

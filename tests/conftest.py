@@ -51,11 +51,11 @@ def model_copy(tf_model, tmp_path):
 
 def prepared_text(tmp_path_factory, text):
     """A data folder of `text`, prepared by train_jax with the bytes tokenizer."""
-    import train_jax
+    import data
 
     folder = tmp_path_factory.mktemp("corpus")
     (folder / "input.txt").write_text(text, encoding="utf-8")
-    train_jax.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
+    data.prepare(input=str(folder / "input.txt"), out=str(folder / "data"), tokenizer="bytes")
     return str(folder / "data")
 
 

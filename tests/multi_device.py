@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 import train_jax
-from utils import UserError, flatten
+from cli import UserError
+from utils import flatten
 
 HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2}  # every width divides by 8
 OPTIMIZER = dict(

@@ -9,6 +9,7 @@ import pytest
 from conftest import PROMPT, ROOT
 
 import gpt2
+import data
 import train_jax
 from utils import load_encoder_hparams_and_params
 
@@ -119,7 +120,7 @@ def test_a_prompt_of_5000_tokens(tf_model, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, files):
+def data_folders(tmp_path_factory, files):
     """A prepared data folder, the same with an id outside its vocabulary, one with a garbled
     meta.json, and a finished one-step run."""
     import shutil
@@ -127,7 +128,7 @@ def data(tmp_path_factory, files):
     import numpy as np
 
     folder = tmp_path_factory.mktemp("data")
-    train_jax.prepare(input=files["corpus"], out=str(folder / "good"), tokenizer="bytes")
+    data.prepare(input=files["corpus"], out=str(folder / "good"), tokenizer="bytes")
     shutil.copytree(folder / "good", folder / "big_id")
     ids = np.fromfile(folder / "big_id" / "train.bin", np.uint16)
     ids[5] = 300
@@ -183,12 +184,12 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize("flag, args, message", TRAIN_CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in TRAIN_CASES])
-def test_train_flag(flag, args, message, files, data, tmp_path, capsys, monkeypatch):
+def test_train_flag(flag, args, message, files, data_folders, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    names = {**files, **data, "tmp": str(tmp_path)}
-    argv = ["--data_dir", data["good"], "--out_dir", str(tmp_path / "out"), "--data_url=", "--max_iters=2", *TINY]
+    names = {**files, **data_folders, "tmp": str(tmp_path)}
+    argv = ["--data_dir", data_folders["good"], "--out_dir", str(tmp_path / "out"), "--data_url=", "--max_iters=2", *TINY]
     argv += [arg.format(**names) for arg in args]
-    line = one_error_line(train_jax.cli, argv, capsys, tmp_path, *data.values(), os.path.dirname(files["a_file"]))
+    line = one_error_line(train_jax.cli, argv, capsys, tmp_path, *data_folders.values(), os.path.dirname(files["a_file"]))
     assert f"--{flag}" in line and message in line
 
 
@@ -229,11 +230,11 @@ EXPORT_CASES = [
 
 
 @pytest.mark.parametrize("flag, args, message", EXPORT_CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in EXPORT_CASES])
-def test_export_flag(flag, args, message, files, data, tmp_path, capsys, monkeypatch):
+def test_export_flag(flag, args, message, files, data_folders, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    names = {**files, **data, "tmp": str(tmp_path)}
+    names = {**files, **data_folders, "tmp": str(tmp_path)}
     argv = ["export", *(arg.format(**names) for arg in args)]
-    line = one_error_line(train_jax.cli, argv, capsys, tmp_path, *data.values(), os.path.dirname(files["a_file"]))
+    line = one_error_line(train_jax.cli, argv, capsys, tmp_path, *data_folders.values(), os.path.dirname(files["a_file"]))
     assert f"--{flag}" in line and message in line
 
 

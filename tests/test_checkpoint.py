@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT, SMALL_HPARAMS
 from tf_reference import read_checkpoint, write_release_checkpoint
 
-from utils import CACHE_FILE, RELEASE_FILES, UserError, flatten, load_encoder_hparams_and_params, save_gpt2_checkpoint
+from cli import UserError
+from utils import CACHE_FILE, RELEASE_FILES, flatten, load_encoder_hparams_and_params, save_gpt2_checkpoint
 
 
 def assert_params_equal(a, b):

@@ -7,7 +7,8 @@ import pytest
 from http_server import serve
 
 import utils
-from utils import RELEASE_FILES, UserError, download_file, load_encoder_hparams_and_params
+from cli import UserError
+from utils import RELEASE_FILES, download_file, load_encoder_hparams_and_params
 
 BODY = bytes(range(256)) * 4096  # 1 MiB with no repeats at small offsets
 

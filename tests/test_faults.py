@@ -22,7 +22,9 @@ from test_train import data_dir  # noqa: F401 (a fixture: the test corpus, prepa
 import gpt2
 import train_jax
 import utils
-from utils import RELEASE_FILES, UserError, download_file
+from cli import UserError
+from utils import RELEASE_FILES, download_file
+
 
 def release_files(model_dir, size="124M"):
     return {f"{size}/{name}": read(os.path.join(model_dir, name)) for name in RELEASE_FILES}

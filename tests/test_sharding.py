@@ -179,8 +179,8 @@ def test_generation_mesh_errors_are_one_line(tf_model):
     ],
 )
 def test_bad_multi_host_flags_name_the_fix(flags, message):
+    from cli import UserError
     from sharding import initialize_distributed
-    from utils import UserError
 
     with pytest.raises(UserError) as error:
         initialize_distributed(**flags)

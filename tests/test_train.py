@@ -7,6 +7,7 @@ float64 loss, the uninterrupted run, TensorFlow's checkpoint reader, the encoder
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from conftest import ROOT, prepared_text
 from http_server import serve
 
 import gpt2
+import data
 import train_jax
+from cli import UserError
 from encoder import EOT, bytes_to_unicode, load_encoder
 from sharding import match_rules
-from utils import UserError, expected_shapes, flatten, load_encoder_hparams_and_params, unflatten
+from utils import expected_shapes, flatten, load_encoder_hparams_and_params, unflatten
 
 CORPUS = "".join(
     f"ROMEO: speak line {i} of the {('tiny', 'small', 'short')[i % 3]} play, {i * 7 % 13} times.\n"
@@ -81,7 +84,7 @@ def test_prepare_round_trips_text(tokenizer, tmp_path, vocab_dir):
     (tmp_path / "b.txt").write_text(second, encoding="utf-8", newline="")
     out = tmp_path / "data"
     files = dict(input=str(tmp_path / "a.txt"), out=str(out), tokenizer=tokenizer, val_fraction=0.3, vocab_dir=vocab_dir)
-    train_jax.prepare(str(tmp_path / "b.txt"), **files)
+    data.prepare(str(tmp_path / "b.txt"), **files)
     train, val = read_ids(out / "train.bin"), read_ids(out / "val.bin")
     encoder = load_encoder(str(out))
     separator = EOT if tokenizer == "gpt2" else ""
@@ -102,7 +105,7 @@ def test_prepare_round_trips_text(tokenizer, tmp_path, vocab_dir):
 def test_text_is_cut_only_where_the_bpe_ids_stay_the_same(tmp_path, vocab_dir):
     text = "a  \nb\n\n\nc \n d\ne\r\n" * 20 + CORPUS[:500] + "x" * 40 + "\n" + ACCENTED * 5
     (tmp_path / "t.txt").write_text(text, encoding="utf-8", newline="")
-    chunks = [chunk for chunk, _ in train_jax.text_chunks(str(tmp_path / "t.txt"), chunk_bytes=8)]
+    chunks = [chunk for chunk, _ in data.text_chunks(str(tmp_path / "t.txt"), chunk_bytes=8)]
     encoder = load_encoder(vocab_dir)
     assert len(chunks) > 20 and "".join(chunks) == text
     assert [i for chunk in chunks for i in encoder.encode(chunk)] == encoder.encode(text)
@@ -122,7 +125,7 @@ def test_prepare_errors_name_the_fix(content, flags, message, tmp_path, vocab_di
     if content is not None:
         (tmp_path / "input.txt").write_bytes(content)
     with pytest.raises(UserError, match=message):
-        train_jax.prepare(input=str(tmp_path / "input.txt"), out=str(tmp_path / "data"), vocab_dir=vocab_dir, **flags)
+        data.prepare(input=str(tmp_path / "input.txt"), out=str(tmp_path / "data"), vocab_dir=vocab_dir, **flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +210,8 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 def tiny_setup(data_dir, batch_shape=(1, 4), n_embd=16):
     """A tiny model's params and one batch of the corpus ([grad_accum, batch, 16] inputs and targets)."""
     hparams = {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": n_embd, "n_head": 2, "n_layer": 2}
-    ids = train_jax.load_split(data_dir, "train", 16, N_SYMBOLS)
-    return train_jax.init_params(hparams, seed=0), train_jax.get_batch(ids, train_jax.batch_offsets(0, 0, 0, batch_shape, len(ids), 16), 16)
+    ids = data.load_split(data_dir, "train", 16, N_SYMBOLS)
+    return train_jax.init_params(hparams, seed=0), data.get_batch(ids, data.batch_offsets(0, 0, 0, batch_shape, len(ids), 16), 16)
 
 
 def jitted_step(optimizer, dtype="float32"):
@@ -291,6 +294,20 @@ def test_ids_outside_the_vocabulary_are_an_error(data_dir, tmp_path):
     ids.tofile(bad / "train.bin")
     with pytest.raises(UserError, match="holds id 70, outside the model's vocabulary"):
         train_jax.fit(tiny_flags(str(bad), tmp_path / "out", max_iters=1))
+
+
+def test_a_truncated_bin_is_one_error_naming_it(data_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    with open(bad / "train.bin", "ab") as f:
+        f.write(b"\0")  # half an id, as a copy cut short leaves it
+    size = (bad / "train.bin").stat().st_size
+    message = f"{bad / 'train.bin'} is truncated ({size} bytes, not a whole number of uint16 ids): prepare it again"
+    with pytest.raises(UserError, match=re.escape(message)):
+        train_jax.fit(tiny_flags(str(bad), tmp_path / "out", max_iters=1))
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_after_a_stop_equals_the_uninterrupted_run_step_for_step(data_dir, tmp_path):
