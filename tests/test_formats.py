@@ -263,3 +263,25 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(tf_model, tm
     # float32 sums over n_embd terms per layer: eps * scale * sqrt(n_embd * n_layer) bounds the difference
     bound = 1.2e-7 * np.abs(logits).max() * np.sqrt(hparams["n_embd"] * hparams["n_layer"]) * 16
     np.testing.assert_allclose(hf_logits, logits, rtol=0, atol=bound)
+
+
+@pytest.mark.slow
+def test_transformers_reads_the_hf_export_of_a_bytes_run(data_dir, tmp_path):  # noqa: F811 (a fixture)
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    import gpt2
+
+    run_dir, model_dir = str(tmp_path / "run"), str(tmp_path / "model")
+    train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=run_dir, max_iters=2, **TINY, **QUIET))
+    train_jax.export(ckpt_dir=run_dir, out=model_dir, format="hf")
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = CORPUS[:100]
+    ids = tokenizer(text)["input_ids"]
+    assert ids == encoder.encode(text) and tokenizer.decode(ids) == text
+    model = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        hf_logits = model(torch.tensor([ids[:16]])).logits[0].numpy()  # [16, n_vocab]
+    logits = gpt2.gpt2(np.array(ids[:16]), **params, n_head=hparams["n_head"])  # [16, n_vocab]
+    bound = 1.2e-7 * np.abs(logits).max() * np.sqrt(hparams["n_embd"] * hparams["n_layer"]) * 16
+    np.testing.assert_allclose(hf_logits, logits, rtol=0, atol=bound)
