@@ -516,7 +516,8 @@ def train(
       data_url: when data_dir has no train.bin, this text is downloaded into it and prepared with the
         bytes tokenizer (the default: Tiny Shakespeare); '' to require prepared data.
       out_dir: where config.json, the vocabulary and the orbax checkpoints go.
-      init_from: scratch (GPT-2 init), or 124M, 355M, 774M, 1558M or a checkpoint folder to fine-tune.
+      init_from: scratch (GPT-2 init), or what gpt2.py --model_size takes to fine-tune: 124M, 355M, 774M,
+        1558M, a folder (release layout, Hugging Face's, or a training run's --out_dir) or a hub id.
       models_dir: where released models are kept.
       n_layer: transformer blocks (scratch).
       n_head: attention heads (scratch).

@@ -363,7 +363,7 @@ def read_tf_checkpoint(model_dir):
         reader = tf.train.load_checkpoint(os.path.join(model_dir, "model.ckpt"))
         flat = {}
         for name in reader.get_variable_to_shape_map():
-            array = reader.get_tensor(name).astype(np.float32)
+            array = reader.get_tensor(name).astype(np.float32, copy=False)
             flat[tf_name_to_path(name)] = array[0] if array.ndim == 3 else array
     except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: "Read less bytes than requested"
         message = str(e).strip().splitlines()[0][:160]

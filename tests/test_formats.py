@@ -152,6 +152,16 @@ def test_an_hf_folder_missing_a_file_names_it(hf_folder, tmp_path):
         load_encoder_hparams_and_params(str(folder))
 
 
+def test_init_from_an_hf_folder_fine_tunes_its_params_with_its_vocabulary(hf_folder, tf_model, tmp_path):
+    flags = train_jax.default_flags(init_from=hf_folder, data_dir=str(tmp_path / "data"), block_size=16)
+    hparams, params, vocab_dir = train_jax.initial_model(flags, {"vocab_size": SMALL_HPARAMS["n_vocab"]})
+    _, expected_hparams, expected = load_encoder_hparams_and_params(tf_model[0])
+    assert hparams == expected_hparams
+    assert_same_params(params, expected)
+    train_jax.write_config(str(tmp_path / "run"), flags, hparams, vocab_dir)  # the run's vocabulary, in OpenAI's names
+    assert load_encoder(str(tmp_path / "run")).encoder == load_encoder(hf_folder).encoder
+
+
 # ---------------------------------------------------------------------------------------------
 # hub ids, fetched from the local server as HF_ENDPOINT
 
