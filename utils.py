@@ -550,6 +550,8 @@ def load_encoder_hparams_and_params(model_size, models_dir="models", step=None):
 
         _, hparams, params = run_params(model_dir, step)
         return read_encoder(model_dir, hparams), hparams, params
+    if step is not None:
+        raise UserError(f"--step {step} picks a checkpoint of a training run, but {model_dir} is a model folder: leave it out")
     hparams = hf_hparams(model_dir) if layout == "hf" else load_hparams(model_dir)
     encoder = read_encoder(model_dir, hparams)
     return encoder, hparams, (load_hf_params if layout == "hf" else load_params)(model_dir, hparams)

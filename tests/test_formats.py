@@ -152,6 +152,11 @@ def test_a_config_that_is_no_gpt2_is_one_error(hf_folder, tmp_path, change, mess
         load_encoder_hparams_and_params(str(folder))
 
 
+def test_a_step_of_a_model_folder_is_an_error(hf_folder):
+    with pytest.raises(UserError, match="--step 3 picks a checkpoint of a training run"):
+        load_encoder_hparams_and_params(hf_folder, step=3)
+
+
 def test_an_hf_folder_missing_a_file_names_it(hf_folder, tmp_path):
     folder = shutil.copytree(hf_folder, tmp_path / "other")
     os.remove(folder / "merges.txt")
