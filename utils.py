@@ -477,28 +477,39 @@ def read_cache(path, fingerprint):
 
 def write_cache(model_dir, flat, fingerprint):
     """The cache beside the checkpoint, in HF's names with the checkpoint's fingerprint; an old
-    params.npz cache goes once it is replaced."""
+    params.npz cache goes once it is replaced. True when written."""
     path = os.path.join(model_dir, CACHE_FILE)
     try:
         write_safetensors(path, {path_to_hf_name(p): a for p, a in flat.items()}, {"format": "pt", FINGERPRINT_KEY: fingerprint})
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(model_dir, OLD_CACHE_FILE))
+        return True
     except OSError as e:  # a read-only folder still loads, just without the cache
         log(f"could not write the cache {path} ({e}); loading will keep using TensorFlow")
+        return False
+
+
+def convert_checkpoint(model_dir, hparams, fingerprint):
+    """{path: array} of the TF checkpoint, written to the cache and read back from it memory-mapped
+    (the arrays TensorFlow read are freed first, so memory never holds the weights twice); the arrays
+    read if the cache cannot be written."""
+    flat = read_tf_checkpoint(model_dir)
+    check_shapes(flat, hparams, f"the checkpoint in {model_dir}")
+    if not write_cache(model_dir, flat, fingerprint):
+        return flat
+    del flat
+    return read_cache(os.path.join(model_dir, CACHE_FILE), fingerprint)
 
 
 def load_params(model_dir, hparams):
     """The nested param dict of a release folder, from the cache when it is current, else from the TF
-    checkpoint (then cached, and read back memory-mapped so that only one copy stays in memory)."""
+    checkpoint (then cached)."""
     fingerprint = checkpoint_fingerprint(model_dir)
     cache = os.path.join(model_dir, CACHE_FILE)
     flat = read_cache(cache, fingerprint)
     if flat is None:
         log(f"converting the TensorFlow checkpoint in {model_dir} (once)")
-        flat = read_tf_checkpoint(model_dir)
-        check_shapes(flat, hparams, f"the checkpoint in {model_dir}")
-        write_cache(model_dir, flat, fingerprint)
-        flat = read_cache(cache, fingerprint) or flat
+        flat = convert_checkpoint(model_dir, hparams, fingerprint)
     else:
         check_shapes(flat, hparams, cache)
     return unflatten(flat, hparams["n_layer"])
