@@ -404,7 +404,7 @@ def read_safetensors(path):
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    mapped = mapped_bytes(path) if header else np.zeros(0, np.uint8)
+    mapped = np.memmap(path, np.uint8, "r") if header else np.zeros(0, np.uint8)
     arrays = {}
     for name, entry in header.items():
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
@@ -415,16 +415,6 @@ def read_safetensors(path):
         array = mapped[start:end].view(dtype).reshape(entry["shape"])
         arrays[name] = widened(array, entry["dtype"])
     return arrays, metadata
-
-
-def mapped_bytes(path):
-    """The file as a read-only uint8 array over a shared mapping, its pages mapped at once (populating
-    them in one system call is much cheaper than faulting each 4 KiB page in at first use)."""
-    import mmap
-
-    with open(path, "rb") as f:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # Linux only
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ), np.uint8)
 
 
 def widened(array, dtype):
