@@ -15,6 +15,8 @@ import regex
 # leading space; runs of whitespace keep their last space for the next word.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
+# Hugging Face names OpenAI's two vocabulary files vocab.json and merges.txt; the contents are the same.
+HF_VOCAB_NAMES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
 
 
 @functools.lru_cache
@@ -94,15 +96,21 @@ class Encoder:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+def vocab_path(model_dir, name):
+    """model_dir/name (encoder.json or vocab.bpe), or the same file under HF's name if only that is there."""
+    path, hf_path = os.path.join(model_dir, name), os.path.join(model_dir, HF_VOCAB_NAMES[name])
+    return hf_path if not os.path.isfile(path) and os.path.isfile(hf_path) else path
+
+
 def load_encoder(model_dir, fast=True):
-    """The Encoder of a model folder holding `encoder.json` and `vocab.bpe`."""
-    with open(os.path.join(model_dir, "encoder.json"), encoding="utf-8") as f:
+    """The Encoder of a model folder holding `encoder.json` and `vocab.bpe` (or HF's `vocab.json` and `merges.txt`)."""
+    with open(vocab_path(model_dir, "encoder.json"), encoding="utf-8") as f:
         encoder = json.load(f)
     if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
         raise ValueError("encoder.json must map token strings to integer ids")
-    with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
+    with open(vocab_path(model_dir, "vocab.bpe"), encoding="utf-8") as f:
         lines = f.read().split("\n")
-    bpe_merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0 is a version header
+    bpe_merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0 is a version header (#version: 0.2)
     if bad := next((n for n, merge in enumerate(bpe_merges, 2) if len(merge) != 2), None):
         raise ValueError(f"vocab.bpe line {bad} is not a pair of symbols")
     return Encoder(encoder, bpe_merges, fast=fast)

@@ -270,13 +270,15 @@ def use_compilation_cache():
 
 
 def to_backend(params, backend, dtype=None):
-    """The params as arrays of the backend, cast to `dtype` if given."""
+    """The params as arrays of the backend, cast to `dtype` if given. Uncast, they are put on the
+    device as they are: on a CPU, JAX then uses (aligned) memory-mapped weights without a copy."""
     if backend == "numpy":
         return params
     import jax
     import jax.numpy as jnp
 
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    put = lambda a: jax.device_put(a) if np.dtype(dtype or a.dtype) == a.dtype else jnp.asarray(a, dtype)
+    return jax.tree.map(put, params)
 
 
 def read_prompts_file(path):
@@ -337,7 +339,9 @@ def main(
     Args:
       prompts: texts to continue, generated together as one batch; "" (or none) starts from <|endoftext|>.
       n_tokens_to_generate: how many tokens to add to each prompt.
-      model_size: 124M, 355M, 774M, 1558M (downloaded to models_dir once), or a checkpoint folder.
+      model_size: 124M, 355M, 774M, 1558M (downloaded to models_dir once); a folder: OpenAI's release
+        layout, Hugging Face's (config.json, model.safetensors, vocab.json, merges.txt) or a train_jax.py
+        run (its best checkpoint); or a Hugging Face hub id (gpt2 ... gpt2-xl, owner/name).
       models_dir: where released models are kept.
       backend: jax (jitted, KV cache on device) or numpy.
       prompts_file: a UTF-8 text file with one more prompt per line.

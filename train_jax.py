@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -47,11 +46,13 @@ from sharding import (
 )
 from utils import (
     VOCAB_FILES,
+    copy_vocab,
     expected_shapes,
     flatten,
     load_encoder_hparams_and_params,
     resolve_model_dir,
     save_gpt2_checkpoint,
+    save_hf_checkpoint,
     unflatten,
 )
 
@@ -261,9 +262,7 @@ def read_config(out_dir, flag="out_dir"):
 def write_config(out_dir, flags, hparams, vocab_dir):
     """The run's flags and model shape, and the vocabulary files, beside its checkpoints."""
     os.makedirs(out_dir, exist_ok=True)
-    for name in VOCAB_FILES:
-        if os.path.abspath(vocab_dir) != os.path.abspath(out_dir):
-            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(out_dir, name))
+    copy_vocab(vocab_dir, out_dir)
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump({"flags": flags, "hparams": hparams}, f, indent=2)
 
@@ -324,18 +323,13 @@ def initial_model(flags, meta):
         vocab_dir = flags["data_dir"] if has_vocab else gpt2_vocab(os.path.join(flags["models_dir"], "124M"))
         return hparams, init_params(hparams, flags["seed"]), vocab_dir
     model_dir = resolve_model_dir(flags["init_from"], flags["models_dir"], flag="init_from")
-    _, hparams, params = load_encoder_hparams_and_params(model_dir)
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir)
     if flags["block_size"] > hparams["n_ctx"]:
         raise UserError(f"--block_size {flags['block_size']} exceeds the n_ctx {hparams['n_ctx']} of {flags['init_from']}")
     data_vocab = os.path.join(flags["data_dir"], "encoder.json")
-    if os.path.isfile(data_vocab) and read_bytes(data_vocab) != read_bytes(os.path.join(model_dir, "encoder.json")):
+    if os.path.isfile(data_vocab) and read_json(data_vocab, "prepare the data again") != encoder.encoder:
         raise UserError(f"{flags['data_dir']} was not tokenized with {flags['init_from']}'s vocabulary: prepare it with --tokenizer gpt2")
     return hparams, params, model_dir
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def matmul_flops(n=2048, repeats=3):
@@ -522,7 +516,8 @@ def train(
       data_url: when data_dir has no train.bin, this text is downloaded into it and prepared with the
         bytes tokenizer (the default: Tiny Shakespeare); '' to require prepared data.
       out_dir: where config.json, the vocabulary and the orbax checkpoints go.
-      init_from: scratch (GPT-2 init), or 124M, 355M, 774M, 1558M or a checkpoint folder to fine-tune.
+      init_from: scratch (GPT-2 init), or what gpt2.py --model_size takes to fine-tune: 124M, 355M, 774M,
+        1558M, a folder (release layout, Hugging Face's, or a training run's --out_dir) or a hub id.
       models_dir: where released models are kept.
       n_layer: transformer blocks (scratch).
       n_head: attention heads (scratch).
@@ -565,34 +560,50 @@ def train(
 
 def run_params(ckpt_dir, step=None):
     """(step, hparams, NumPy params) of a training run's checkpoint in `ckpt_dir` (its --out_dir):
-    `step`, or by default the best val loss, else the latest. A padded --vocab_size is cut back to
-    the run's vocabulary, so the params are those of a model folder."""
-    import jax
+    `step`, or by default the best val loss, else the latest. Only the params are read (not the
+    optimizer state). A padded --vocab_size is cut back to the run's vocabulary, so the params are
+    those of a model folder."""
+    import orbax.checkpoint as ocp
 
     config = read_config(ckpt_dir, "ckpt_dir")
     manager = checkpoint_manager(ckpt_dir, config["flags"]["keep"])
     step = manager.best_step() if step is None else step
     if step not in manager.all_steps():
         raise UserError(f"{ckpt_dir} has no checkpoint of --step {step!r}; it has {list(manager.all_steps())}")
-    state, _ = restore_checkpoint(manager, step, state_shape(config))
+    shapes = {path: np.zeros(0, np.float32) for path in expected_shapes(config["hparams"])}  # the tree to fill
+    as_numpy = {path: ocp.RestoreArgs(restore_type=np.ndarray) for path in shapes}
+    target = {"params": unflatten(shapes, config["hparams"]["n_layer"])}
+    restore_args = {"params": unflatten(as_numpy, config["hparams"]["n_layer"])}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    try:
+        params = manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    except (ValueError, OSError, KeyError, TypeError) as e:  # as restore_checkpoint: never pickle
+        raise UserError(f"the checkpoint {os.path.join(manager.directory, str(step))} cannot be read ({type(e).__name__}): "
+                        f"move that folder away to use another step (the run has {list(manager.all_steps())})")  # fmt: skip
     n_vocab = len(load_encoder(ckpt_dir).encoder)
-    params = {**jax.tree.map(np.asarray, state["params"]), "wte": np.asarray(state["params"]["wte"])[:n_vocab]}
-    return step, {**config["hparams"], "n_vocab": n_vocab}, params
+    return step, {**config["hparams"], "n_vocab": n_vocab}, {**params, "wte": params["wte"][:n_vocab]}
 
 
-def export(ckpt_dir="out/shakespeare_char", out=None, step=None):
-    """Write a training run's checkpoint as a release-layout model folder for `gpt2.py --model_size`.
+EXPORT_FORMATS = {"release": save_gpt2_checkpoint, "hf": save_hf_checkpoint}
+
+
+def export(ckpt_dir="out/shakespeare_char", out=None, step=None, format="release"):
+    """Write a training run's checkpoint as a model folder for `gpt2.py --model_size` (or transformers).
 
     Args:
       ckpt_dir: the --out_dir of a training run.
       out: the model folder to write.
       step: the step to export (default: the best val loss, else the latest).
+      format: release (OpenAI's TensorFlow layout) or hf (Hugging Face's: config.json, model.safetensors,
+        vocab.json, merges.txt; transformers' GPT2LMHeadModel.from_pretrained reads it).
     """
     if out is None:
         raise UserError("give the model folder to write: --out MODEL_DIR")
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"unknown --format {format!r}: use {' or '.join(EXPORT_FORMATS)}")
     out, ckpt_dir = check_folder(out, "out"), check_folder(ckpt_dir, "ckpt_dir")
     step, hparams, params = run_params(ckpt_dir, step)
-    save_gpt2_checkpoint(params, hparams, str(out), ckpt_dir)
+    EXPORT_FORMATS[format](params, hparams, str(out), ckpt_dir)
     log(f"exported step {step} of {ckpt_dir} to {out}: python gpt2.py \"...\" --model_size {out}")
 
 

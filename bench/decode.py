@@ -1,6 +1,10 @@
-"""Generation speed on a 124M-shaped checkpoint: load, compile, prefill and decode, per backend and dtype.
+"""Generation speed: load, compile, prefill and decode, per backend and dtype.
 
-    python bench/decode.py [--model_dir bench_models/124M-random] [--n_new 40] [--batches 1,16]
+    python bench/decode.py [--model_size 124M|355M|774M|1558M|FOLDER] [--n_new 40] [--batches 1,16]
+                           [--configs jax:float32,numpy:float32,jax:bfloat16]
+
+A released size is a checkpoint of that shape with random weights, written once under bench_models/;
+any model folder (or hub id) is read as it is.
 
 A 10-token prompt, greedy. Decode tokens/s is compared with the bound that memory bandwidth sets at
 batch 1 (every token reads every weight once), measured here as a matrix-vector product over a
@@ -21,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpt2  # noqa: E402
 import utils  # noqa: E402
-from load import random_checkpoint  # noqa: E402
+from load import SHAPES, hparams_of, random_checkpoint  # noqa: E402
 
 N_PROMPT = 10
 
@@ -89,8 +93,15 @@ def startup(model_dir):
     return [float(x) for x in out.stdout.split()]
 
 
-def main(model_dir=os.path.join(ROOT, "bench_models", "124M-random"), n_new=40, batches="1,16"):
-    random_checkpoint(model_dir)
+def model_folder(model_size):
+    """A released size's random checkpoint (written once), else the folder or hub id itself."""
+    if model_size in SHAPES:
+        return random_checkpoint(os.path.join(ROOT, "bench_models", f"{model_size}-random"), hparams_of(model_size))
+    return utils.resolve_model_dir(model_size, "models")
+
+
+def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy:float32,jax:bfloat16"):
+    model_dir = model_folder(str(model_size))
     batches = [int(b) for b in str(batches).split(",")]
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))  # warms the cache too
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))
@@ -100,9 +111,9 @@ def main(model_dir=os.path.join(ROOT, "bench_models", "124M-random"), n_new=40, 
     bound = max(bandwidth.values()) * 1e9 / n_bytes
     print(f"weights {n_bytes / 1e6:.0f} MB (float32); matvec bandwidth: numpy {bandwidth['numpy']:.1f} GB/s, "
           f"jax {bandwidth['jax']:.1f} GB/s -> batch-1 bound {bound:.1f} tokens/s")
-    print(f"load (cached .npz): {load_s:.2f} s")
+    print(f"load (cached): {load_s:.2f} s")
     print(f"{'backend':8} {'dtype':9} {'batch':>5} {'load s':>7} {'compile s':>9} {'prefill tok/s':>13} {'decode tok/s':>12} {'of bound':>8}")
-    for backend, dtype in [("jax", "float32"), ("numpy", "float32"), ("jax", "bfloat16")]:
+    for backend, dtype in (config.split(":") for config in configs.split(",")):
         load = timed(lambda: gpt2.to_backend(params, backend, dtype))
         on_backend = gpt2.to_backend(params, backend, dtype)
         for batch in batches:

@@ -6,6 +6,7 @@
 """
 
 import contextlib
+import hashlib
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,8 +20,9 @@ _JOIN_TIMEOUT_S = 5
 class Server:
     """Shared state of one serve() context: files, remaining one-shot behaviours, request log."""
 
-    def __init__(self, files, *, drop_after=None, ignore_range=False, status=None, wrong_length=None, delay=0.0):
+    def __init__(self, files, *, drop_after=None, ignore_range=False, status=None, wrong_length=None, delay=0.0, hub_commit=None):
         self.url = ""
+        self.hub_commit = hub_commit
         self.requests = []  # [(path, range_header_or_None)] in arrival order
         self.files = dict(files)
         self.ignore_range = ignore_range
@@ -72,7 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
         if name not in state.files:
             code = 404
         if code is not None:
-            self._send_error(code, send_body)
+            self._send_error(code, send_body, self._hub_headers(name, None) if code == 404 else None)
             return
         data = state.files[name]
         match = None if state.ignore_range or range_header is None else _RANGE.match(range_header)
@@ -89,10 +91,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
         if not state.ignore_range:
             self.send_header("Accept-Ranges", "bytes")
+        for key, value in self._hub_headers(name, data).items():
+            self.send_header(key, value)
         self.send_header("Connection", "close")
         self.end_headers()
         if send_body:
             self._write(body if drop_after is None else body[:drop_after])
+
+    def _hub_headers(self, name, data):
+        """What huggingface_hub reads from /{repo_id}/resolve/{revision}/{filename}: the commit and an
+        ETag; a 404 says whether the repo or only the file is missing."""
+        state = self.server_state
+        if state.hub_commit is None:
+            return {}
+        if data is not None:
+            return {"X-Repo-Commit": state.hub_commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        repo = name.split("/resolve/")[0] + "/resolve/"
+        if any(other.startswith(repo) for other in state.files):
+            return {"X-Repo-Commit": state.hub_commit, "X-Error-Code": "EntryNotFound"}
+        return {"X-Error-Code": "RepoNotFound"}
 
     def _send_error(self, code, send_body, extra_headers=None):
         body = f"{code}\n".encode()
@@ -128,7 +145,9 @@ def serve(files, **behaviour):
     unknown name       404;
     Range: bytes=N-[M] 206 + Content-Range (416 if N >= size), unless ignore_range=True (always 200);
     drop_after={name: n}   the first body-sending GET of name sends full headers, n body bytes, hangs up;
-    wrong_length={name: n} the first body-sending GET of name advertises Content-Length n.
+    wrong_length={name: n} the first body-sending GET of name advertises Content-Length n;
+    hub_commit="40 hex" answers as the Hugging Face hub does (files named OWNER/NAME/resolve/main/FILE):
+                       X-Repo-Commit and ETag headers, and X-Error-Code on a 404.
     """
     state = Server(files, **behaviour)
     handler = type("Handler", (_Handler,), {"server_state": state})

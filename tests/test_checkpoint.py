@@ -65,11 +65,30 @@ def test_cache_is_rebuilt_when_the_checkpoint_changes(model_copy, vocab_dir):
     assert not np.array_equal(after["wte"], before["wte"])
 
 
-@pytest.mark.parametrize("garbage", [b"not a zip file", b"PK\x03\x04 truncated zip"])
+def replace_file(path, content):
+    """A new file in place of `path`: params memory-mapped from the old one stay readable."""
+    os.remove(path)
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def truncated_cache(model_dir):
+    with open(os.path.join(model_dir, CACHE_FILE), "rb") as f:
+        return f.read()[:-100]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        lambda _: b"not safetensors",
+        lambda _: (2**40).to_bytes(8, "little") + b"{}",  # a header longer than the file
+        lambda _: (9).to_bytes(8, "little") + b"[1, 2, 3]",  # a header that is no object
+        truncated_cache,  # data_offsets past the end
+    ],
+)
 def test_unreadable_cache_is_rebuilt(model_copy, garbage, capfd):
     _, _, expected = load_encoder_hparams_and_params(model_copy)
-    with open(os.path.join(model_copy, CACHE_FILE), "wb") as f:
-        f.write(garbage)
+    replace_file(os.path.join(model_copy, CACHE_FILE), garbage(model_copy))
     _, _, params = load_encoder_hparams_and_params(model_copy)
     assert_params_equal(params, expected)
     assert "rebuilding" in capfd.readouterr().err
@@ -84,8 +103,7 @@ def test_pickle_disguised_as_cache_is_never_executed(model_copy, tmp_path, monke
     _, _, expected = load_encoder_hparams_and_params(model_copy)
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
-    with open(os.path.join(model_copy, CACHE_FILE), "wb") as f:
-        pickle.dump({"wte": Exploit()}, f)
+    replace_file(os.path.join(model_copy, CACHE_FILE), pickle.dumps({"wte": Exploit()}))
     _, _, params = load_encoder_hparams_and_params(model_copy)
     assert not marker.exists()
     assert_params_equal(params, expected)
