@@ -416,7 +416,7 @@ def fit(flags):
     eval_args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, compute_shardings=gathered(shardings["params"]))
     eval_loss = jax.jit(functools.partial(loss_fn, **eval_args), in_shardings=(shardings["params"], eval_batch, eval_batch))
     eval_shape = (flags["eval_iters"], flags["batch_size"])
-    eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size)  # [eval_iters, batch]
+    eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, ids, block_size)  # [eval_iters, batch]
     eval_batches = {
         split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
@@ -429,7 +429,7 @@ def fit(flags):
         f"matmul peak {peak / 1e9:.0f} GFLOP/s"
     )
     with tqdm(desc="compiling the train step", total=1, leave=False, disable=not main_process) as bar:
-        offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size)
+        offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, train_ids, block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)
         step_fn = step_fn.lower(state, inputs, targets).compile()
         bar.update()
@@ -438,7 +438,7 @@ def fit(flags):
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(desc="training", initial=start, total=flags["max_iters"], unit="step", dynamic_ncols=True, disable=not main_process)
     for step in range(start, flags["max_iters"]):
-        offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, len(train_ids), block_size)
+        offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, train_ids, block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)  # [grad_accum, batch, block_size] each
         state, loss = step_fn(state, inputs, targets)
         done, window_steps = step + 1, window_steps + 1
