@@ -491,6 +491,16 @@ def get_batch(split, offsets, block_size):  # [...] -> inputs, targets [..., blo
     return block[..., :-1], block[..., 1:]
 
 
+def split_ids(split, start, stop):  # -> [stop - start] int32
+    """The ids start:stop of the split's files taken as one sequence, in order."""
+    pieces, offset = [], 0
+    for ids in split["shards"]:
+        low, high = max(start - offset, 0), min(stop - offset, len(ids))
+        pieces += [ids[low:high]] if low < high else []
+        offset += len(ids)
+    return np.concatenate(pieces).astype(np.int32)
+
+
 def sharded_batch(split, offsets, block_size, sharding):  # offsets [..., batch] -> inputs, targets [..., batch, block_size]
     """`get_batch` as global arrays split by `sharding`: this process reads only the rows its devices hold."""
     import jax
