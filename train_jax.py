@@ -3,6 +3,7 @@
     python train_jax.py prepare --input FILE [FILE...] --out DIR     # data.py: text to token ids
     python train_jax.py [--data_dir DIR] [--max_iters 2000] ...      # train (no data: Tiny Shakespeare)
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
+    python train_jax.py eval --ckpt_dir OUT_DIR --data_dir DIR --hellaswag   # evaluation.py: loss, HellaSwag
 
 The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, `jax.vmap`-ed over
 the batch. A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
@@ -34,6 +35,7 @@ from data import (
     sharded_batch,
 )
 from encoder import load_encoder
+from evaluation import evaluate, hellaswag_hook
 from gpt2 import gpt2
 from sharding import (
     batch_sharding,
@@ -64,7 +66,7 @@ DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
 CONFIG_FILE = "config.json"
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
 RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
-                   "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id")  # fmt: skip
+                   "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id", "hellaswag_every")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def check_flags(flags):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep"):  # fmt: skip
         check_positive_int(flags[name], name)
-    for name in ("vocab_size", "warmup_iters", "lr_decay_iters"):
+    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "hellaswag_every"):
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
     check_seed(flags["seed"])
@@ -421,6 +423,8 @@ def fit(flags):
         split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
+    hellaswag_args = (flags["models_dir"], load_encoder(vocab_dir), hparams, mesh, shardings["params"], dtype, flags["batch_size"])
+    score_hellaswag = hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None
     tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
     peak = (flags["peak_flops"] or matmul_flops()) * mesh.size
@@ -464,6 +468,10 @@ def fit(flags):
             best = min(best, (val_loss, done))
             if main_process:
                 tqdm.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
+        if score_hellaswag and done % flags["hellaswag_every"] == 0:
+            line = score_hellaswag(state["params"])  # on every process: the forward is sharded
+            if main_process:
+                tqdm.write(f"step {done}: {line}", file=sys.stderr)
         if saving or (evaluating and best[1] == done):
             save_checkpoint(manager, done, state, seed, val_loss)
         window_start = time.perf_counter()
@@ -514,8 +522,9 @@ def train(
     coordinator_address="",
     num_processes=1,
     process_id=0,
+    hellaswag_every=0,
 ):
-    """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export).
+    """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export; eval).
 
     Args:
       data_dir: a folder from `prepare` (train.bin, val.bin, meta.json, encoder.json, vocab.bpe).
@@ -559,6 +568,8 @@ def train(
         a TPU pod slice or under SLURM).
       num_processes: the processes of the multi-host job.
       process_id: this process's index in the job, 0 to num_processes - 1.
+      hellaswag_every: steps between HellaSwag scores (0: never); the validation set is downloaded once
+        into models_dir/hellaswag (needs GPT-2's vocabulary).
     """
     fit(dict(locals()))
 
@@ -603,11 +614,11 @@ def default_flags(**overrides):
     return {**{name: p.default for name, p in inspect.signature(train).parameters.items()}, **overrides}
 
 
-COMMANDS = {"train": train, "prepare": prepare, "export": export}
+COMMANDS = {"train": train, "prepare": prepare, "export": export, "eval": evaluate}
 
 
 def cli(argv=None):
-    """`train_jax [train|prepare|export] --flags`; without a command, train."""
+    """`train_jax [train|prepare|export|eval] --flags`; without a command, train."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else train
     run_cli(command, argv)
