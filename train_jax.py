@@ -527,7 +527,8 @@ def train(
     """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export; eval).
 
     Args:
-      data_dir: a folder from `prepare` (train.bin, val.bin, meta.json, encoder.json, vocab.bpe).
+      data_dir: a folder from `prepare` (train.bin, val.bin or their shards, meta.json, the vocabulary), or
+        of nanoGPT's .bin, llm.c's .bin or build-nanogpt's .npy shards.
       data_url: when data_dir has no train.bin, this text is downloaded into it and prepared with the
         bytes tokenizer (the default: Tiny Shakespeare); '' to require prepared data.
       out_dir: where config.json, the vocabulary and the orbax checkpoints go.
