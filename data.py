@@ -28,6 +28,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 TOKENIZERS = ("gpt2", "bytes")
 CHUNK_BYTES = 1 << 20  # prepare reads and encodes about this much text at a time
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # the random streams batches are drawn from, with the seed
+CUT = re.compile(r"(?<=\S\n)(?=\S)")  # where text_chunks may cut: see there
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256  # llm.c's token shards
 
 
@@ -93,24 +94,32 @@ def byte_ids(paths, present, bar):
 
 
 def text_chunks(path, chunk_bytes=None):
-    """The file's text in pieces of about chunk_bytes (and its byte count), cut only between a line
-    ending in 'x\\n' and a line starting with a non-space: GPT-2's pre-tokenizer never joins across
-    such a cut, so encoding the pieces gives the ids of encoding the whole."""
+    """The file's text in pieces of about chunk_bytes (and their sizes in bytes), cut only between a
+    line ending in a non-space and '\n' and a line starting with a non-space: GPT-2's pre-tokenizer
+    never joins across such a cut, so encoding the pieces gives the ids of encoding the whole. The file
+    is read in blocks of whole lines and searched with a regex (a loop over lines costs as much as
+    the encoding)."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
-    lines, size, previous = [], 0, ""
+    text, rest, line = "", b"", 1
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        while True:
+            block = f.read(chunk_bytes)
+            lines = rest + block
+            end = lines.rfind(b"\n") + 1 if block else len(lines)  # '\n' is never inside a UTF-8 character
+            lines, rest = lines[:end], lines[end:]
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
+                decoded = lines.decode("utf-8")
+            except UnicodeDecodeError as e:
+                number = line + lines[: e.start].count(b"\n")
                 raise UserError(f"--input {path} line {number} is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes")
-            if size >= chunk_bytes and not line[:1].isspace() and previous[-2:-1] not in ("", *" \t\r\n\f\v"):
-                yield "".join(lines), size
-                lines, size = [], 0
-            lines.append(line)
-            size += len(raw)
-            previous = line
-    yield "".join(lines), size
+            line += decoded.count("\n")
+            searched, text = max(chunk_bytes, len(text) - 1), text + decoded
+            while cut := CUT.search(text, searched):
+                piece, text, searched = text[: cut.start()], text[cut.start() :], chunk_bytes
+                yield piece, len(piece.encode())
+            if not block:
+                yield text, len(text.encode())
+                return
 
 
 def text_documents(path, text_field):
