@@ -57,7 +57,7 @@ def main(input, examples=16, tokens=8192, batch_size=4, model_dir=os.path.join(R
     hellaswag_s = time.perf_counter() - start
     flops_per_token = 2 * train_jax.n_params(params) + 2 * hparams["n_layer"] * hparams["n_embd"] * hparams["n_ctx"]  # forward
     peak = train_jax.matmul_flops()
-    print(f"124M shape, random weights, float32, batch {batch_size}, one device ({mesh.devices.flat[0].platform})")
+    print(f"{hparams}, random weights, float32, batch {batch_size}, one device ({mesh.devices.flat[0].platform})")
     print(f"split loss: {n_predicted:,} tokens in {loss_s:.1f} s: {n_predicted / loss_s:,.0f} tokens/s "
           f"(~{flops_per_token * n_predicted / loss_s / 1e9:.0f} GFLOP/s; matmul peak {peak / 1e9:.0f}); loss {loss:.3f}")  # fmt: skip
     print(f"hellaswag: {examples} examples ({len(rows)} rows of {np.mean(rows):.0f} ids on average) in {hellaswag_s:.1f} s: "
