@@ -228,22 +228,23 @@ def shard_name(split, index, shard_tokens):
 def write_ids(chunks, folder, split, shard_tokens):
     """Write the chunks of ids as raw uint16 into folder/SPLIT.bin, or with shard_tokens into
     SPLIT_000000.bin, SPLIT_000001.bin, ... of shard_tokens ids each (the last one shorter).
-    Returns (the paths written, the number of ids, the largest id or -1)."""
+    Returns (the paths written, the number of ids, the largest id)."""
     paths, n_ids, largest, room, f = [], 0, -1, 0, None
     try:
         for ids in chunks:
-            largest = max(largest, int(ids.max())) if len(ids) else largest
-            n_ids += len(ids)
+            largest, n_ids = max(largest, int(ids.max(initial=0))), n_ids + len(ids)
             while len(ids):
-                if f is None or (shard_tokens and not room):
-                    f and f.close()
+                if f is None or (shard_tokens and not room):  # the next file
+                    if f is not None:
+                        f.close()
                     paths.append(os.path.join(folder, shard_name(split, len(paths), shard_tokens)))
                     f, room = open(paths[-1], "wb"), shard_tokens
                 take = room if shard_tokens else len(ids)
                 ids[:take].tofile(f)
                 ids, room = ids[take:], room - len(ids[:take])
     finally:
-        f and f.close()
+        if f is not None:
+            f.close()
     return paths, n_ids, largest
 
 
