@@ -188,17 +188,25 @@ def work_items(paths, text_field):
 
 
 def encode_item(encode, eot, pieces):  # -> [n_ids] uint16
-    ids = []
+    arrays = [np.zeros(0, np.uint32)]  # the last item may be empty
     for text, after_eot in pieces:
-        ids.extend([eot] if after_eot else [])
-        ids.extend(encode(text))
-    return np.array(ids, np.uint16)
+        arrays += [np.array([eot], np.uint32)] if after_eot else []
+        arrays.append(encode(text))
+    return np.concatenate(arrays).astype(np.uint16)
+
+
+def numpy_encoder(encoder):
+    """text -> uint32 ids: tiktoken's encode_to_numpy without special tokens (encode_ordinary's ids,
+    without a Python int per id), or the reference BPE for a vocabulary tiktoken cannot take."""
+    if encoder.fast is None:
+        return lambda text: np.array(encoder.encode_python(text), np.uint32)
+    return lambda text: encoder.fast.encode_to_numpy(text, disallowed_special=())
 
 
 def gpt2_ids(paths, encoder, text_field, num_proc, bar):
     """The inputs' GPT-2 BPE ids, in order, chunk by chunk, encoded by num_proc threads (tiktoken's
     encoder releases the GIL); at most 2 * num_proc chunks of text are held at a time."""
-    encode = functools.partial(encode_item, encoder.encode, encoder.eot_token)
+    encode = functools.partial(encode_item, numpy_encoder(encoder), encoder.eot_token)
     with ThreadPoolExecutor(num_proc) as pool:
         pending = collections.deque()
         for pieces, read in work_items(paths, text_field):
