@@ -4,7 +4,8 @@
 
 The split loss over `tokens` ids of the input (GPT-2 BPE) in windows of 1024, and HellaSwag-shaped
 examples cut from the input (a 60-word context, 4 endings of 10 to 30 words: about the lengths of
-HellaSwag's validation set), each timed after a first call that compiles. Prints tokens/s and
+HellaSwag's validation set), each timed after a first pass that compiles (HellaSwag: one program per
+padded row length, a multiple of 64). Prints tokens/s and
 examples/s, and the FLOP/s those imply next to a measured matmul peak.
 """
 
@@ -51,7 +52,7 @@ def main(input, examples=16, tokens=8192, batch_size=4, model_dir=os.path.join(R
     chosen = examples_from(text.split(), examples, rng)
     rows = [len(ids) for e in chosen for ids, _ in evaluation.hellaswag_rows(e, encoder, hparams["n_ctx"])]
     score = functools.partial(evaluation.scorer(hparams, mesh, shardings, "float32", batch_size * 4), placed)
-    evaluation.hellaswag_accuracy(score, chosen[:batch_size], encoder, hparams["n_ctx"], batch_size)  # compiles
+    evaluation.hellaswag_accuracy(score, chosen, encoder, hparams["n_ctx"], batch_size)  # compiles each padded length once
     start = time.perf_counter()
     evaluation.hellaswag_accuracy(score, chosen, encoder, hparams["n_ctx"], batch_size)
     hellaswag_s = time.perf_counter() - start
