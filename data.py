@@ -1,14 +1,21 @@
 """Training data: text prepared into token ids, and the batches a run draws from them.
 
-    python train_jax.py prepare --input FILE [FILE...] --out DIR [--tokenizer gpt2|bytes]
+    python train_jax.py prepare --input FILE [FILE...] --out DIR [--tokenizer gpt2|bytes] [--shard_tokens N]
 
-A data folder holds train.bin and val.bin (uint16 ids, nanoGPT's format), meta.json, and the
-vocabulary (encoder.json + vocab.bpe). The batch of step s is a pure function of (seed, s).
+A data folder prepared here holds train.bin and val.bin (uint16 ids, nanoGPT's format) or shards of
+them (train_000000.bin, ...), meta.json (totals, largest id), and the vocabulary (encoder.json +
+vocab.bpe). Training also reads the shards of llm.c (.bin with a header) and build-nanogpt (.npy).
+The batch of step s is a pure function of (seed, s); its windows are memory-mapped from the shards.
 """
 
+import collections
+import functools
+import gzip
 import json
 import os
+import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,27 +28,37 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 TOKENIZERS = ("gpt2", "bytes")
 CHUNK_BYTES = 1 << 20  # prepare reads and encodes about this much text at a time
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # the random streams batches are drawn from, with the seed
+CUT = re.compile(r"(?<=\S\n)(?=\S)")  # where text_chunks may cut: see there
+LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_INTS = 20240520, 1, 256  # llm.c's token shards
 
 
-def check_inputs(paths):
+def input_kind(path):
+    """How prepare reads a file: its documents are the lines of a .jsonl(.gz), the rows of a
+    .parquet, or the whole of any other (text) file."""
+    name = path.lower()
+    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz")) else "parquet" if name.endswith(".parquet") else "text"
+
+
+def check_inputs(paths, tokenizer):
     if not paths:
         raise UserError("give at least one text file: prepare --input FILE [FILE...] --out DIR")
     for path in paths:
         if not os.path.isfile(path):
             raise UserError(f"--input {path!r} is not a file: give the path of a text file")
+        if tokenizer == "bytes" and input_kind(path) != "text":
+            raise UserError(f"--input {path}: --tokenizer bytes reads text files only; use --tokenizer gpt2 for .jsonl and .parquet")
     if sum(os.path.getsize(path) for path in paths) == 0:
         raise UserError(f"--input {', '.join(paths)} is empty: give a file with some text")
+    if any(input_kind(path) == "parquet" for path in paths):
+        parquet_module()
 
 
-def check_utf8(paths):
-    """Every line decodes as UTF-8 (one streaming pass), so that a bad byte stops prepare before it writes."""
-    for path in paths:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise UserError(f"--input {path} line {number} is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes")
+def parquet_module():
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError('reading .parquet needs pyarrow: pip install -e ".[parquet]" (or pip install pyarrow)')
+    return pyarrow.parquet
 
 
 def byte_vocabulary(paths, bar):
@@ -76,31 +93,131 @@ def byte_ids(paths, present, bar):
                 bar.update(len(chunk))
 
 
-def text_chunks(path, chunk_bytes=CHUNK_BYTES):
-    """The file's text in pieces of about chunk_bytes (and its byte count), cut only between a line
-    ending in 'x\\n' and a line starting with a non-space: GPT-2's pre-tokenizer never joins across
-    such a cut, so encoding the pieces gives the ids of encoding the whole."""
-    lines, size, previous = [], 0, ""
+def text_chunks(path, chunk_bytes=None):
+    """The file's text in pieces of about chunk_bytes (and their sizes in bytes), cut only between a
+    line ending in a non-space and '\n' and a line starting with a non-space: GPT-2's pre-tokenizer
+    never joins across such a cut, so encoding the pieces gives the ids of encoding the whole. The file
+    is read in blocks of whole lines and searched with a regex (a loop over lines costs as much as
+    the encoding)."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    text, rest, line = "", b"", 1
     with open(path, "rb") as f:
-        for raw in f:
-            line = raw.decode("utf-8")  # check_utf8 has read it
-            if size >= chunk_bytes and not line[:1].isspace() and previous[-2:-1] not in ("", *" \t\r\n\f\v"):
-                yield "".join(lines), size
-                lines, size = [], 0
-            lines.append(line)
-            size += len(raw)
-            previous = line
-    yield "".join(lines), size
+        while True:
+            block = f.read(chunk_bytes)
+            lines = rest + block
+            end = lines.rfind(b"\n") + 1 if block else len(lines)  # '\n' is never inside a UTF-8 character
+            lines, rest = lines[:end], lines[end:]
+            try:
+                decoded = lines.decode("utf-8")
+            except UnicodeDecodeError as e:
+                number = line + lines[: e.start].count(b"\n")
+                raise UserError(f"--input {path} line {number} is not UTF-8: re-save it as UTF-8, or use --tokenizer bytes")
+            line += decoded.count("\n")
+            searched, text = max(chunk_bytes, len(text) - 1), text + decoded
+            while cut := CUT.search(text, searched):
+                piece, text, searched = text[: cut.start()], text[cut.start() :], chunk_bytes
+                yield piece, len(piece.encode())
+            if not block:
+                yield text, len(text.encode())
+                return
 
 
-def gpt2_ids(paths, encoder, bar):
-    """The files' GPT-2 BPE ids with <|endoftext|> between files, chunk by chunk."""
-    for i, path in enumerate(paths):
-        if i:
-            yield np.array([encoder.eot_token], np.uint16)
-        for text, size in text_chunks(path):
-            yield np.array(encoder.encode(text), np.uint16)
-            bar.update(size)
+def text_documents(path, text_field):
+    """(text, starts a document, input bytes read) of a text file: one document in pieces."""
+    for i, (text, size) in enumerate(text_chunks(path)):
+        yield text, i == 0, size
+
+
+def jsonl_documents(path, text_field):
+    """(text, starts a document, input bytes read) of each line of a .jsonl or .jsonl.gz."""
+    with open(path, "rb") as raw:
+        lines = gzip.open(raw) if path.lower().endswith(".gz") else raw
+        read = 0
+        try:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                except ValueError:  # UnicodeDecodeError too
+                    raise UserError(f"--input {path} line {number} is not JSON in UTF-8: fix or remove that line")
+                text = document.get(text_field) if isinstance(document, dict) else None
+                if not isinstance(text, str):
+                    raise UserError(f"--input {path} line {number} has no text field {text_field!r}: name the field with --text_field")
+                yield text, True, raw.tell() - read
+                read = raw.tell()
+        except (OSError, EOFError) as e:  # gzip's bad or cut-short streams
+            raise UserError(f"--input {path} is not a complete gzip file ({e}): download it again")
+
+
+def parquet_documents(path, text_field):
+    """(text, starts a document, input bytes read) of each row of a .parquet's text column."""
+    import pyarrow
+
+    try:
+        file = parquet_module().ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"--input {path} is not a parquet file ({str(e)[:120]}): download it again")
+    if text_field not in file.schema_arrow.names:
+        raise UserError(f"--input {path} has no column {text_field!r} (it has {', '.join(file.schema_arrow.names)}): name it with --text_field")
+    bytes_per_row, row = os.path.getsize(path) / max(1, file.metadata.num_rows), 0
+    for batch in file.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise UserError(f"--input {path} row {row} has no text in {text_field!r}: remove that row")
+            row += 1
+            yield text, True, bytes_per_row
+
+
+DOCUMENTS = {"text": text_documents, "jsonl": jsonl_documents, "parquet": parquet_documents}
+
+
+def work_items(paths, text_field):
+    """The inputs' documents grouped into lists of about CHUNK_BYTES of text: (pieces, input bytes),
+    each piece (text, whether <|endoftext|> goes before it). Documents are separated by
+    <|endoftext|>: a text file is one document, a jsonl line or a parquet row is one."""
+    pieces, size, read, first = [], 0, 0, True
+    for path in paths:
+        for text, starts_document, n_read in DOCUMENTS[input_kind(path)](path, text_field):
+            pieces.append((text, starts_document and not first))
+            size, read, first = size + len(text), read + n_read, False
+            if size >= CHUNK_BYTES:
+                yield pieces, read
+                pieces, size, read = [], 0, 0
+    yield pieces, read
+
+
+def encode_item(encode, eot, pieces):  # -> [n_ids] uint16
+    arrays = [np.zeros(0, np.uint32)]  # the last item may be empty
+    for text, after_eot in pieces:
+        arrays += [np.array([eot], np.uint32)] if after_eot else []
+        arrays.append(encode(text))
+    return np.concatenate(arrays).astype(np.uint16)
+
+
+def numpy_encoder(encoder):
+    """text -> uint32 ids: tiktoken's encode_to_numpy without special tokens (encode_ordinary's ids,
+    without a Python int per id), or the reference BPE for a vocabulary tiktoken cannot take."""
+    if encoder.fast is None:
+        return lambda text: np.array(encoder.encode_python(text), np.uint32)
+    return lambda text: encoder.fast.encode_to_numpy(text, disallowed_special=())
+
+
+def gpt2_ids(paths, encoder, text_field, num_proc, bar):
+    """The inputs' GPT-2 BPE ids, in order, chunk by chunk, encoded by num_proc threads (tiktoken's
+    encoder releases the GIL); at most 2 * num_proc chunks of text are held at a time."""
+    encode = functools.partial(encode_item, numpy_encoder(encoder), encoder.eot_token)
+    with ThreadPoolExecutor(num_proc) as pool:
+        pending = collections.deque()
+        for pieces, read in work_items(paths, text_field):
+            pending.append((pool.submit(encode, pieces), read))
+            if len(pending) >= 2 * num_proc:
+                ids, read = pending.popleft()
+                yield ids.result()
+                bar.update(read)
+        for ids, read in pending:
+            yield ids.result()
+            bar.update(read)
 
 
 def gpt2_vocab(vocab_dir):
@@ -112,42 +229,119 @@ def gpt2_vocab(vocab_dir):
     return vocab_dir
 
 
-def move_tail(train_path, val_path, n_train):
-    """Move the ids after the first n_train of train.bin into val.bin, in chunks."""
-    ids = np.memmap(train_path, np.uint16, "r")
-    with open(val_path, "wb") as f:
-        for start in range(n_train, len(ids), CHUNK_BYTES):
-            ids[start : start + CHUNK_BYTES].tofile(f)
-    del ids
-    os.truncate(train_path, n_train * 2)
+def shard_name(split, index, shard_tokens):
+    return f"{split}_{index:06d}.bin" if shard_tokens else f"{split}.bin"
 
 
-def prepare(*more_inputs, input=None, out=None, tokenizer="gpt2", val_fraction=0.1, vocab_dir="models/124M"):
-    """Tokenize text files into OUT/train.bin, val.bin (uint16 ids), meta.json, encoder.json, vocab.bpe.
+def write_ids(chunks, folder, split, shard_tokens):
+    """Write the chunks of ids as raw uint16 into folder/SPLIT.bin, or with shard_tokens into
+    SPLIT_000000.bin, SPLIT_000001.bin, ... of shard_tokens ids each (the last one shorter).
+    Returns (the paths written, the number of ids, the largest id)."""
+    paths, n_ids, largest, room, f = [], 0, -1, 0, None
+    try:
+        for ids in chunks:
+            largest, n_ids = max(largest, int(ids.max(initial=0))), n_ids + len(ids)
+            while len(ids):
+                if f is None or (shard_tokens and not room):  # the next file
+                    if f is not None:
+                        f.close()
+                    paths.append(os.path.join(folder, shard_name(split, len(paths), shard_tokens)))
+                    f, room = open(paths[-1], "wb"), shard_tokens
+                take = room if shard_tokens else len(ids)
+                ids[:take].tofile(f)
+                ids, room = ids[take:], room - len(ids[:take])
+    finally:
+        if f is not None:
+            f.close()
+    return paths, n_ids, largest
+
+
+def tail_chunks(paths, start):
+    """The ids of the files (in order) from position `start` on, in chunks."""
+    for path in paths:
+        ids = np.memmap(path, np.uint16, "r")
+        for begin in range(max(0, start), len(ids), CHUNK_BYTES):
+            yield np.array(ids[begin : begin + CHUNK_BYTES])
+        start -= len(ids)
+
+
+def split_off_val(train_paths, n_train, folder, shard_tokens):
+    """Move the ids after the first n_train of the train files into val file(s); the train files
+    keep exactly the first n_train."""
+    val_paths, _, _ = write_ids(tail_chunks(train_paths, n_train), folder, "val", shard_tokens)
+    kept = n_train
+    for path in train_paths:
+        size = os.path.getsize(path) // 2
+        if kept > 0 or path == train_paths[0]:
+            os.truncate(path, max(0, min(size, kept)) * 2)
+        else:
+            os.remove(path)
+        kept -= size
+    return val_paths
+
+
+def prepare(
+    *more_inputs,
+    input=None,
+    out=None,
+    tokenizer="gpt2",
+    val_fraction=0.1,
+    vocab_dir="models/124M",
+    text_field="text",
+    num_proc=0,
+    shard_tokens=0,
+):
+    """Tokenize text files, .jsonl(.gz) or .parquet into OUT/train.bin, val.bin (uint16 ids), meta.json,
+    encoder.json, vocab.bpe; with --shard_tokens, into train_000000.bin, ... and val_000000.bin, ...
 
     Args:
-      more_inputs: more text files, after the first (`--input a.txt b.txt`).
-      input: a text file.
+      more_inputs: more input files, after the first (`--input a.txt b.jsonl.gz c.parquet`).
+      input: a text file (one document), .jsonl or .jsonl.gz (a JSON document per line) or .parquet
+        (a document per row).
       out: the data folder to write (give it to training as --data_dir).
-      tokenizer: gpt2 (GPT-2's BPE, <|endoftext|> between files) or bytes (one id per byte that occurs).
-      val_fraction: the share of ids, at the end, held out as val.bin.
+      tokenizer: gpt2 (GPT-2's BPE, <|endoftext|> between documents) or bytes (one id per byte that
+        occurs; text files only).
+      val_fraction: the share of ids, at the end, held out as val.
       vocab_dir: where GPT-2's encoder.json and vocab.bpe are (fetched there when missing; gpt2 only).
+      text_field: the JSON field or parquet column that holds a document's text.
+      num_proc: threads encoding at once (0: all the machine's cores); the ids do not depend on it.
+      shard_tokens: 0 for one train.bin and one val.bin, or the ids per file (e.g. 100_000_000: files of
+        200 MB, as for FineWeb-edu).
     """
     paths = [str(p) for p in ([input] if input is not None else []) + list(more_inputs)]
-    check_inputs(paths)
-    if out is None:
-        raise UserError("give the folder to write the data to: --out DIR")
     if tokenizer not in TOKENIZERS:
         raise UserError(f"unknown --tokenizer {tokenizer!r}: use {' or '.join(TOKENIZERS)}")
+    check_inputs(paths, tokenizer)
+    if out is None:
+        raise UserError("give the folder to write the data to: --out DIR")
     if type(val_fraction) not in (int, float) or not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction must be a number between 0 and 1 (e.g. 0.1), got {val_fraction!r}")
-    from tqdm import tqdm
-
+    if type(num_proc) is not int or num_proc < 0:
+        raise UserError(f"--num_proc must be an integer >= 0 (0: all cores), got {num_proc!r}")
+    if type(shard_tokens) is not int or shard_tokens < 0:
+        raise UserError(f"--shard_tokens must be an integer >= 0 (0: one file per split), got {shard_tokens!r}")
     out, vocab_dir = check_folder(out, "out"), check_folder(vocab_dir, "vocab_dir")
     if tokenizer == "gpt2":
-        check_utf8(paths)
         gpt2_vocab(vocab_dir)
-    os.makedirs(out, exist_ok=True)
+    partial = os.path.normpath(out) + ".partial"  # written whole, then moved into out: an error leaves nothing
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        meta = encode_inputs(paths, partial, tokenizer, val_fraction, vocab_dir, str(text_field), num_proc or os.cpu_count(), shard_tokens)
+        os.makedirs(out, exist_ok=True)
+        for path in split_paths(out, "train") + split_paths(out, "val"):
+            os.remove(path)  # an earlier preparation's files would be read with the new ones
+        for name in os.listdir(partial):
+            os.replace(os.path.join(partial, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log(f"{out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val ids, vocabulary of {meta['vocab_size']} ({tokenizer})")
+
+
+def encode_inputs(paths, out, tokenizer, val_fraction, vocab_dir, text_field, num_proc, shard_tokens):
+    """Write the data folder's files into `out`; returns its meta.json."""
+    from tqdm import tqdm
+
     total = sum(os.path.getsize(path) for path in paths)
     bar = lambda desc: tqdm(desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
     if tokenizer == "bytes":
@@ -159,19 +353,16 @@ def prepare(*more_inputs, input=None, out=None, tokenizer="gpt2", val_fraction=0
         for name in VOCAB_FILES:
             shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(out, name))
         encoder = load_encoder(out)
-        vocab_size, chunks = len(encoder.encoder), lambda b: gpt2_ids(paths, encoder, b)
-    train_path, val_path = os.path.join(out, "train.bin"), os.path.join(out, "val.bin")
-    n_tokens = 0
-    with open(train_path, "wb") as f, bar(f"encoding ({tokenizer})") as b:
-        for ids in chunks(b):
-            ids.tofile(f)
-            n_tokens += len(ids)
-    n_train = int(n_tokens * (1 - val_fraction))
-    move_tail(train_path, val_path, n_train)
-    meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "train_tokens": n_train, "val_tokens": n_tokens - n_train}
+        vocab_size, chunks = len(encoder.encoder), lambda b: gpt2_ids(paths, encoder, text_field, num_proc, b)
+    with bar(f"encoding ({tokenizer})") as b:
+        train_paths, n_ids, largest = write_ids(chunks(b), out, "train", shard_tokens)
+    n_train = int(n_ids * (1 - val_fraction))
+    split_off_val(train_paths, n_train, out, shard_tokens)
+    meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "train_tokens": n_train, "val_tokens": n_ids - n_train,
+            "largest_id": largest, "shard_tokens": shard_tokens, "inputs": paths}  # fmt: skip
     with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump({**meta, "inputs": paths}, f, indent=2)
-    log(f"{out}: {n_train:,} train and {n_tokens - n_train:,} val ids, vocabulary of {vocab_size} ({tokenizer})")
+        json.dump(meta, f, indent=2)
+    return meta
 
 
 def read_meta(data_dir):
@@ -192,9 +383,9 @@ def read_json(path, fix):
 
 
 def ensure_data(data_dir, data_url):
-    """A data folder with train.bin; when it has none, `data_url` is downloaded into it and
+    """A data folder with a train split; when it has none, `data_url` is downloaded into it and
     prepared with the bytes tokenizer."""
-    if os.path.isfile(os.path.join(data_dir, "train.bin")):
+    if split_paths(data_dir, "train"):
         return
     if not data_url:
         raise UserError(f"--data_dir {data_dir} has no train.bin: run `python train_jax.py prepare --input FILE --out {data_dir}`")
@@ -206,43 +397,133 @@ def ensure_data(data_dir, data_url):
     prepare(input=text, out=data_dir, tokenizer="bytes")
 
 
+def split_paths(data_dir, split):
+    """The split's files, in name order: SPLIT.bin (nanoGPT's, or one from prepare), SPLIT_000000.bin, ...
+    (prepare's shards), *_SPLIT_000001.bin (llm.c's) and *_SPLIT_000001.npy (build-nanogpt's)."""
+    pattern = re.compile(rf"(.*_)?{split}(_\d+)?\.(bin|npy)")
+    names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    return [os.path.join(data_dir, name) for name in names if pattern.fullmatch(name)]
+
+
+def truncated(path, size, why):
+    return UserError(f"{path} is truncated ({size} bytes, {why}): prepare it again")
+
+
+def open_npy(path, size):
+    """build-nanogpt's shard: a 1-D uint16 .npy, memory-mapped."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, _, dtype = read_header(f)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path} has a bad .npy header ({str(e)[:80]}): prepare it again")
+        offset = f.tell()
+    if dtype != np.uint16 or len(shape) != 1:
+        raise UserError(f"{path} holds {dtype} of shape {shape}, not a row of uint16 ids: prepare it again")
+    if size != offset + 2 * shape[0]:
+        raise truncated(path, size, f"not the {offset + 2 * shape[0]} its header says")
+    return np.memmap(path, np.uint16, "r", offset, shape)
+
+
+def open_llmc(path, size):
+    """llm.c's shard: 256 int32 (magic, version 1, the number of ids, zeros), then uint16 ids."""
+    header = np.fromfile(path, "<i4", LLMC_HEADER_INTS)
+    if len(header) < 3 or header[1] != LLMC_VERSION or header[2] < 0:
+        raise UserError(f"{path} has llm.c's magic number but a bad header (version {header[1:2]}, not 1): prepare it again")
+    expected = 4 * LLMC_HEADER_INTS + 2 * int(header[2])
+    if size != expected:
+        raise truncated(path, size, f"not the {expected} its header says")
+    return np.memmap(path, np.uint16, "r", 4 * LLMC_HEADER_INTS, (int(header[2]),))
+
+
+def open_shard(path):
+    """A shard's ids, memory-mapped (nothing is read yet): a .npy, a .bin with llm.c's header, or a
+    raw uint16 .bin (a raw file of GPT-2 ids cannot start with the magic: its first id would be 54216)."""
+    size = os.path.getsize(path)
+    if path.endswith(".npy"):
+        return open_npy(path, size)
+    if size >= 4 and np.fromfile(path, "<i4", 1)[0] == LLMC_MAGIC:
+        return open_llmc(path, size)
+    if size % 2:
+        raise truncated(path, size, "not a whole number of uint16 ids")
+    return np.memmap(path, np.uint16, "r") if size else np.zeros(0, np.uint16)
+
+
 def load_split(data_dir, split, block_size, n_vocab):
-    """The ids of train.bin or val.bin, memory-mapped, checked to hold a block and fit the vocabulary."""
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing: prepare the data again (python train_jax.py prepare ...)")
-    if (size := os.path.getsize(path)) % np.dtype(np.uint16).itemsize:
-        raise UserError(f"{path} is truncated ({size} bytes, not a whole number of uint16 ids): prepare it again")
-    ids = np.memmap(path, np.uint16, "r")
-    if len(ids) < block_size + 1:
+    """The split's shards, memory-mapped (the ids are read only as batches need them): a dict of their
+    paths, the arrays and the vocabulary batches are checked against. At start-up only the files'
+    sizes and headers are read, and meta.json's largest id is checked."""
+    paths = split_paths(data_dir, split)
+    if not paths:
         raise UserError(
-            f"{path} has {len(ids)} ids, too short for one block of --block_size {block_size} (+1 target): "
-            f"lower --block_size or give more text"
+            f"{os.path.join(data_dir, split + '.bin')} is missing (no {split} split in {data_dir}): prepare the data again "
+            f"(python train_jax.py prepare ...)"
         )
-    if (largest := int(ids.max())) >= n_vocab:
+    shards = [open_shard(path) for path in paths]
+    if sum(max(0, len(ids) - block_size) for ids in shards) == 0:
+        n_ids = max(len(ids) for ids in shards)
         raise UserError(
-            f"{path} holds id {largest}, outside the model's vocabulary of {n_vocab}: prepare the data with the "
-            f"model's tokenizer or raise --vocab_size"
+            f"{paths[0] if len(paths) == 1 else data_dir + ' ' + split} has {n_ids} ids, too short for one block of "
+            f"--block_size {block_size} (+1 target): lower --block_size or give more text"
         )
-    return ids
+    meta = os.path.join(data_dir, "meta.json")
+    largest = read_json(meta, "prepare the data again").get("largest_id", -1) if os.path.isfile(meta) else -1
+    if largest >= n_vocab:
+        raise outside_vocabulary(meta, largest, n_vocab)
+    return {"paths": paths, "shards": shards, "n_vocab": n_vocab}
 
 
-def batch_offsets(seed, stream, index, shape, n_ids, block_size):
-    """Where the blocks of one batch start: a pure function of (seed, stream, index)."""
-    return np.random.default_rng([seed, stream, index]).integers(0, n_ids - block_size, shape)
+def outside_vocabulary(path, largest, n_vocab):
+    return UserError(
+        f"{path} holds id {largest}, outside the model's vocabulary of {n_vocab}: prepare the data with the "
+        f"model's tokenizer or raise --vocab_size"
+    )
 
 
-def get_batch(ids, offsets, block_size):  # [...] -> inputs, targets [..., block_size]
-    window = offsets[..., None] + np.arange(block_size + 1)  # [..., block_size + 1]
-    block = ids[window].astype(np.int32)
+def window_starts(split, block_size):
+    """The index of each shard's first window among all the split's windows, and their total: a
+    window is block_size + 1 consecutive ids of one shard."""
+    counts = [max(0, len(ids) - block_size) for ids in split["shards"]]
+    return np.cumsum([0, *counts[:-1]]), sum(counts)
+
+
+def batch_offsets(seed, stream, index, shape, split, block_size):
+    """Which windows one batch reads, as indices among all the split's windows (so each shard is drawn
+    in proportion to its size): a pure function of (seed, stream, index). For a single file, the
+    index of a window is where it starts."""
+    _, n_windows = window_starts(split, block_size)
+    return np.random.default_rng([seed, stream, index]).integers(0, n_windows, shape)
+
+
+def get_batch(split, offsets, block_size):  # [...] -> inputs, targets [..., block_size]
+    starts, _ = window_starts(split, block_size)
+    shard = np.searchsorted(starts, offsets, side="right") - 1  # [...]
+    local = offsets - starts[shard]  # [...] where in its shard each window starts
+    block = np.empty((*offsets.shape, block_size + 1), np.int32)
+    for i in np.unique(shard):
+        rows = shard == i
+        block[rows] = split["shards"][i][local[rows][:, None] + np.arange(block_size + 1)]
+    if block.size and (largest := int(block.max())) >= split["n_vocab"]:
+        raise outside_vocabulary(split["paths"][int(shard.flat[np.argmax(block.max(-1))])], largest, split["n_vocab"])
     return block[..., :-1], block[..., 1:]
 
 
-def sharded_batch(ids, offsets, block_size, sharding):  # offsets [..., batch] -> inputs, targets [..., batch, block_size]
+def split_ids(split, start, stop):  # -> [stop - start] int32
+    """The ids start:stop of the split's files taken as one sequence, in order."""
+    pieces, offset = [], 0
+    for ids in split["shards"]:
+        low, high = max(start - offset, 0), min(stop - offset, len(ids))
+        pieces += [ids[low:high]] if low < high else []
+        offset += len(ids)
+    return np.concatenate(pieces).astype(np.int32)
+
+
+def sharded_batch(split, offsets, block_size, sharding):  # offsets [..., batch] -> inputs, targets [..., batch, block_size]
     """`get_batch` as global arrays split by `sharding`: this process reads only the rows its devices hold."""
     import jax
 
     shape = (*offsets.shape, block_size)
     rows = process_rows(sharding, shape, offsets.ndim - 1)
-    local = get_batch(ids, offsets[..., rows], block_size)
+    local = get_batch(split, offsets[..., rows], block_size)
     return tuple(jax.make_array_from_process_local_data(sharding, x, shape) for x in local)

@@ -3,6 +3,7 @@
     python train_jax.py prepare --input FILE [FILE...] --out DIR     # data.py: text to token ids
     python train_jax.py [--data_dir DIR] [--max_iters 2000] ...      # train (no data: Tiny Shakespeare)
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
+    python train_jax.py eval --ckpt_dir OUT_DIR --data_dir DIR --hellaswag   # evaluation.py: loss, HellaSwag
 
 The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, `jax.vmap`-ed over
 the batch. A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
@@ -33,6 +34,7 @@ from data import (
     sharded_batch,
 )
 from encoder import load_encoder
+from evaluation import evaluate, hellaswag_hook
 from gpt2 import gpt2
 from sharding import (
     batch_sharding,
@@ -65,7 +67,7 @@ DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
 CONFIG_FILE = "config.json"
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
 RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
-                   "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id")  # fmt: skip
+                   "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id", "hellaswag_every")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def check_flags(flags):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep"):  # fmt: skip
         check_positive_int(flags[name], name)
-    for name in ("vocab_size", "warmup_iters", "lr_decay_iters"):
+    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "hellaswag_every"):
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
     check_seed(flags["seed"])
@@ -410,11 +412,13 @@ def fit(flags):
     eval_args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, compute_shardings=gathered(shardings["params"]))
     eval_loss = jax.jit(functools.partial(loss_fn, **eval_args), in_shardings=(shardings["params"], eval_batch, eval_batch))
     eval_shape = (flags["eval_iters"], flags["batch_size"])
-    eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, len(ids), block_size)  # [eval_iters, batch]
+    eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, ids, block_size)  # [eval_iters, batch]
     eval_batches = {
         split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
+    hellaswag_args = (flags["models_dir"], load_encoder(vocab_dir), hparams, mesh, shardings["params"], dtype, flags["batch_size"])
+    score_hellaswag = hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None
     tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
     peak = (flags["peak_flops"] or matmul_flops()) * mesh.size
@@ -423,7 +427,7 @@ def fit(flags):
         f"matmul peak {peak / 1e9:.0f} GFLOP/s"
     )
     with tqdm(desc="compiling the train step", total=1, leave=False, disable=not main_process) as bar:
-        offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size)
+        offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, train_ids, block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)
         step_fn = step_fn.lower(state, inputs, targets).compile()
         bar.update()
@@ -432,7 +436,7 @@ def fit(flags):
     window_start, window_steps = time.perf_counter(), 0
     bar = tqdm(desc="training", initial=start, total=flags["max_iters"], unit="step", dynamic_ncols=True, disable=not main_process)
     for step in range(start, flags["max_iters"]):
-        offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, len(train_ids), block_size)
+        offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, train_ids, block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)  # [grad_accum, batch, block_size] each
         state, loss = step_fn(state, inputs, targets)
         done, window_steps = step + 1, window_steps + 1
@@ -458,6 +462,10 @@ def fit(flags):
             best = min(best, (val_loss, done))
             if main_process:
                 tqdm.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
+        if score_hellaswag and done % flags["hellaswag_every"] == 0:
+            line = score_hellaswag(state["params"])  # on every process: the forward is sharded
+            if main_process:
+                tqdm.write(f"step {done}: {line}", file=sys.stderr)
         if saving or (evaluating and best[1] == done):
             save_checkpoint(manager, done, state, seed, val_loss)
         window_start = time.perf_counter()
@@ -508,11 +516,13 @@ def train(
     coordinator_address="",
     num_processes=1,
     process_id=0,
+    hellaswag_every=0,
 ):
-    """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export).
+    """Train GPT-2 from scratch or fine-tune it (subcommands: train, the default; prepare; export; eval).
 
     Args:
-      data_dir: a folder from `prepare` (train.bin, val.bin, meta.json, encoder.json, vocab.bpe).
+      data_dir: a folder from `prepare` (train.bin, val.bin or their shards, meta.json, the vocabulary), or
+        of nanoGPT's .bin, llm.c's .bin or build-nanogpt's .npy shards.
       data_url: when data_dir has no train.bin, this text is downloaded into it and prepared with the
         bytes tokenizer (the default: Tiny Shakespeare); '' to require prepared data.
       out_dir: where config.json, the vocabulary and the orbax checkpoints go.
@@ -554,6 +564,8 @@ def train(
         a TPU pod slice or under SLURM).
       num_processes: the processes of the multi-host job.
       process_id: this process's index in the job, 0 to num_processes - 1.
+      hellaswag_every: steps between HellaSwag scores (0: never); the validation set is downloaded once
+        into models_dir/hellaswag (needs GPT-2's vocabulary).
     """
     fit(dict(locals()))
 
@@ -614,11 +626,11 @@ def default_flags(**overrides):
     return {**{name: p.default for name, p in inspect.signature(train).parameters.items()}, **overrides}
 
 
-COMMANDS = {"train": train, "prepare": prepare, "export": export}
+COMMANDS = {"train": train, "prepare": prepare, "export": export, "eval": evaluate}
 
 
 def cli(argv=None):
-    """`train_jax [train|prepare|export] --flags`; without a command, train."""
+    """`train_jax [train|prepare|export|eval] --flags`; without a command, train."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else train
     run_cli(command, argv)

@@ -35,7 +35,7 @@ def whole_split_loss(params, ids, block_size, batch_size, n_head):
     import jax
 
     loss = jax.jit(functools.partial(train_jax.loss_fn, key=None, n_head=n_head, rate=0.0, dtype="float32"))
-    offsets = np.arange((len(ids) - 1) // block_size) * block_size  # [n_blocks]
+    offsets = np.arange((len(ids["shards"][0]) - 1) // block_size) * block_size  # [n_blocks] (one file: window index = start)
     total = 0.0
     for start in range(0, len(offsets), batch_size):
         inputs, targets = data.get_batch(ids, offsets[start : start + batch_size], block_size)
@@ -52,7 +52,7 @@ def main(input, max_iters=2000):
         data.prepare(input=input, out=data_dir, tokenizer="bytes")
         flags = dict(BABY, max_iters=max_iters, ckpt_interval=max_iters, peak_flops=peaks[2048])
         summary = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=out_dir, data_url="", **flags))
-        val_ids = np.memmap(os.path.join(data_dir, "val.bin"), np.uint16, "r")
+        val_ids = data.load_split(data_dir, "val", BABY["block_size"], 256)
         val_loss = whole_split_loss(summary["state"]["params"], val_ids, BABY["block_size"], BABY["batch_size"], BABY["n_head"])
     params = summary["state"]["params"]
     tokens_per_iter = BABY["batch_size"] * BABY["block_size"]

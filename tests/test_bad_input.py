@@ -1,6 +1,7 @@
 """Every flag of gpt2.py and train_jax.py (train, prepare, export) with wrong values: exit code 2, one
 `error:` line that names the flag (or the file) and the fix, and not one file created or changed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,8 @@ def data_folders(tmp_path_factory, files):
     ids = np.fromfile(folder / "big_id" / "train.bin", np.uint16)
     ids[5] = 300
     ids.tofile(folder / "big_id" / "train.bin")
+    meta = json.loads((folder / "big_id" / "meta.json").read_text())
+    (folder / "big_id" / "meta.json").write_text(json.dumps({**meta, "largest_id": 300}))  # start-up reads this, not the ids
     shutil.copytree(folder / "good", folder / "bad_meta")
     (folder / "bad_meta" / "meta.json").write_text('{"tokenizer": "bytes", "vocab_')
     argv = ["--data_dir", str(folder / "good"), "--out_dir", str(folder / "run"), "--data_url=", "--max_iters=1", *TINY]

@@ -211,7 +211,7 @@ def tiny_setup(data_dir, batch_shape=(1, 4), n_embd=16):
     """A tiny model's params and one batch of the corpus ([grad_accum, batch, 16] inputs and targets)."""
     hparams = {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": n_embd, "n_head": 2, "n_layer": 2}
     ids = data.load_split(data_dir, "train", 16, N_SYMBOLS)
-    return train_jax.init_params(hparams, seed=0), data.get_batch(ids, data.batch_offsets(0, 0, 0, batch_shape, len(ids), 16), 16)
+    return train_jax.init_params(hparams, seed=0), data.get_batch(ids, data.batch_offsets(0, 0, 0, batch_shape, ids, 16), 16)
 
 
 def jitted_step(optimizer, dtype="float32"):
@@ -284,15 +284,21 @@ def test_training_errors_name_the_fix(overrides, message, data_dir, tmp_path):
         train_jax.fit({**tiny_flags(data_dir, tmp_path / "out", max_iters=1), **overrides})
 
 
-def test_ids_outside_the_vocabulary_are_an_error(data_dir, tmp_path):
+@pytest.mark.parametrize("where", ["meta.json", "train.bin"])
+def test_ids_outside_the_vocabulary_are_an_error(where, data_dir, tmp_path):
+    """meta.json's largest id is checked at start-up; ids that a file holds beyond it, as batches load them."""
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(data_dir, bad)
-    ids = np.fromfile(bad / "train.bin", np.uint16)
-    ids[100] = 70  # the vocabulary has N_SYMBOLS < 70
-    ids.tofile(bad / "train.bin")
-    with pytest.raises(UserError, match="holds id 70, outside the model's vocabulary"):
+    if where == "meta.json":
+        meta = json.loads((bad / "meta.json").read_text())
+        (bad / "meta.json").write_text(json.dumps({**meta, "largest_id": 70}))  # the vocabulary has N_SYMBOLS < 70
+    else:
+        ids = np.fromfile(bad / "train.bin", np.uint16)
+        ids[::8] = 70  # in every window
+        ids.tofile(bad / "train.bin")
+    with pytest.raises(UserError, match=f"{re.escape(str(bad / where))} holds id 70, outside the model's vocabulary"):
         train_jax.fit(tiny_flags(str(bad), tmp_path / "out", max_iters=1))
 
 
