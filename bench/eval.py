@@ -1,6 +1,6 @@
 """`train_jax.py eval` throughput on the 124M shape (random weights, GPT-2's init):
 
-    flock /tmp/heavy.lock python bench/eval.py --input ../shared/data/tinyshakespeare/input.txt [--examples 16] [--tokens 8192]
+    python bench/eval.py --input ../shared/data/tinyshakespeare/input.txt [--examples 16] [--tokens 8192]
 
 The split loss over `tokens` ids of the input (GPT-2 BPE) in windows of 1024, and HellaSwag-shaped
 examples cut from the input (a 60-word context, 4 endings of 10 to 30 words: about the lengths of

@@ -1,6 +1,6 @@
 """prepare's speed and memory, as ratios measured in one run:
 
-    flock /tmp/heavy.lock python bench/prepare.py --input ../shared/data/tinyshakespeare/input.txt [--sizes_mb 100,1000]
+    python bench/prepare.py --input ../shared/data/tinyshakespeare/input.txt [--sizes_mb 100,1000]
 
 - 2 threads against 1 (target: >= 1.7x on 2 cores);
 - one thread against tiktoken's encode_ordinary_batch with one thread over the same text already in
