@@ -228,8 +228,8 @@ def test_tiny_model_overfits_one_batch(data_dir):
     state, step = train_jax.init_state(params, optimizer, 0), jitted_step(optimizer)
     losses = []
     for _ in range(300):
-        state, loss = step(state, *batch)
-        losses.append(float(loss))
+        state, metrics = step(state, *batch)
+        losses.append(float(metrics["loss"]))
     assert losses[0] > 3.5 and losses[-1] < 0.05
 
 
@@ -242,8 +242,8 @@ def test_grad_accum_equals_one_big_batch(data_dir):
     (params, accumulated_batch), (_, whole_batch) = tiny_setup(data_dir, (2, 2)), tiny_setup(data_dir, (1, 4))
     np.testing.assert_array_equal(accumulated_batch[0].reshape(1, 4, 16), whole_batch[0])  # the same 4 sequences
     state = lambda: train_jax.init_state(params, optax.sgd(1.0), 0)
-    (accumulated, loss_2x2), (whole, loss_1x4) = step(state(), *accumulated_batch), step(state(), *whole_batch)
-    assert float(loss_2x2) == pytest.approx(float(loss_1x4), rel=1e-6)
+    (accumulated, metrics_2x2), (whole, metrics_1x4) = step(state(), *accumulated_batch), step(state(), *whole_batch)
+    assert float(metrics_2x2["loss"]) == pytest.approx(float(metrics_1x4["loss"]), rel=1e-6)
     for a, b, p in zip(*(jax.tree.leaves(s["params"]) for s in (accumulated, whole)), jax.tree.leaves(params)):
         np.testing.assert_allclose(a - p, b - p, rtol=1e-4, atol=1e-7)
 
