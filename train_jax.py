@@ -555,7 +555,8 @@ def fit(flags, clock=time.perf_counter):
     peak, peak_source = peak_flops(mesh.devices.flatten(), dtype, flags["peak_flops"])
     peak_text = f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"MFU not shown: {peak_source}"
     say(f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, {peak_text}")
-    with tqdm(desc="compiling the train step", total=1, leave=False, disable=not main_process) as bar:
+    plain = not sys.stderr.isatty()  # under a scheduler or `> run.log`: one line per window, no bars
+    with tqdm(desc="compiling the train step", total=1, leave=False, disable=plain or not main_process) as bar:
         offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, len(train_ids), block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)
         step_fn = step_fn.lower(state, inputs, targets).compile()
@@ -565,7 +566,6 @@ def fit(flags, clock=time.perf_counter):
     fresh_tracker = jax.jit(no_bad_step, out_shardings=replicated)
     gather = jax.jit(lambda p: p, out_shardings=replicated)  # every process can read the whole params
     writer = summary_writer(out_dir) if main_process else None
-    plain = not sys.stderr.isatty()  # under a scheduler or `> run.log`: one line per window, no bar
     write = (log if plain else functools.partial(tqdm.write, file=sys.stderr)) if main_process else say
 
     losses, best, timed_steps, timed_seconds, skipped = {}, (math.inf, None), 0, 0.0, 0

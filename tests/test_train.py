@@ -4,6 +4,7 @@ Each check is against something train_jax does not compute itself: finite differ
 float64 loss, the uninterrupted run, TensorFlow's checkpoint reader, the encoder's own decoding.
 """
 
+import functools
 import json
 import math
 import os
@@ -353,6 +354,123 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+# ---------------------------------------------------------------------------------------------
+# what a run reports: speed figures, log lines, TensorBoard, samples
+
+PROGRESS = re.compile(r"step (\d+)/(\d+): loss (\d+\.\d{4}), lr (\d\.\de-\d\d), (\d+\.\d) ms/step, ([\d,]+) tok/s, MFU (\d+\.\d)%")
+
+
+def one_second_per_call():
+    """A clock that advances one second at each reading: fit reads it when a logging window starts
+    (after the previous read-back's evaluation and checkpoint) and when it ends, so each window lasts 1 s."""
+    import itertools
+
+    return functools.partial(next, itertools.count(0.0))
+
+
+def test_speed_figures_are_over_whole_logging_windows(data_dir, tmp_path, capfd):
+    """With 5 steps per 1-second window: 200 ms/step, 5 x 64 tok/s, MFU 5 x FLOPs per step / peak;
+    the loop's old bug (the window restarted every step) printed the time of one step divided by 5."""
+    summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=10, log_interval=5, eval_interval=10), clock=one_second_per_call())
+    lines = [PROGRESS.fullmatch(line) for line in capfd.readouterr().err.splitlines() if line.startswith("step ") and "/" in line]
+    assert [m[1] for m in lines] == ["5", "10"]
+    flops_per_step = train_jax.flops_per_token(summary["state"]["params"], 2, 16, 16) * 64
+    for m in lines:
+        assert (m[5], m[6], m[7]) == ("200.0", "320", f"{100 * 5 * flops_per_step / 1e9:.1f}")
+        assert float(m[3]) == round(summary["losses"][int(m[1])], 4)
+    assert summary["ms_per_step"] == 200.0 and summary["tokens_per_s"] == 320.0
+
+
+def test_timed_windows_fit_within_the_wall_time_of_a_real_run(data_dir, tmp_path):
+    flags = tiny_flags(data_dir, tmp_path / "run", max_iters=40, log_interval=10, eval_interval=20)
+    start = time.perf_counter()
+    summary = train_jax.fit(flags)
+    wall = time.perf_counter() - start
+    assert 0 < summary["ms_per_step"] * 40 / 1e3 < wall  # the windows leave out compiling, evaluation and saving
+
+
+def test_off_a_terminal_the_log_is_one_plain_line_per_interval(data_dir, tmp_path):
+    flags = dict(max_iters=12, log_interval=4, eval_interval=6, ckpt_interval=12, peak_flops=1e9, data_url="")
+    argv = ["--data_dir", data_dir, "--out_dir", str(tmp_path / "run"), *(f"--{k}={v}" for k, v in {**TINY, **flags}.items())]
+    trained = subprocess.run([sys.executable, "train_jax.py", *argv], cwd=ROOT, capture_output=True)  # stderr is a pipe
+    assert trained.returncode == 0, trained.stderr
+    log = trained.stderr.decode()
+    assert "\r" not in log
+    progress = [m[1] for m in map(PROGRESS.fullmatch, log.splitlines()) if m]
+    evals = [line for line in log.splitlines() if re.fullmatch(r"step \d+: train loss \d\.\d{4}, val loss \d\.\d{4}", line)]
+    assert progress == ["4", "6", "8", "12"] and [line.split(":")[0] for line in evals] == ["step 6", "step 12"]
+
+
+def scalars_written(out_dir):
+    """{tag: [step, ...]} and {(tag, step): value} of every scalar in a run's TensorBoard event files, read with TensorFlow."""
+    import glob
+
+    from utils import import_tensorflow
+
+    tf = import_tensorflow()
+    steps, values = {}, {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "tensorboard", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name in ("scalars", "")  # the metadata comes with a tag's first value
+                steps.setdefault(value.tag, []).append(event.step)
+                values[value.tag, event.step] = float(tf.make_ndarray(value.tensor))
+    return steps, values
+
+
+def test_tensorboard_curves_go_on_after_a_resume(data_dir, tmp_path):
+    flags = dict(log_interval=2, eval_interval=4, ckpt_interval=4, max_iters=10, lr_decay_iters=10)
+    first = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", **{**flags, "max_iters": 6}))
+    rest = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", **flags, resume=True))
+    steps, values = scalars_written(str(tmp_path / "run"))
+    train_tags = ("train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/mfu")
+    assert {tag: steps[tag] for tag in train_tags} == {tag: [2, 4, 6, 8, 10] for tag in train_tags}
+    assert steps["eval/train_loss"] == steps["eval/val_loss"] == [4, 6, 8, 10]
+    assert sorted(steps) == sorted([*train_tags, "eval/train_loss", "eval/val_loss"])
+    losses = {**first["losses"], **rest["losses"]}
+    assert {step: values["train/loss", step] for step in losses} == {step: float(np.float32(v)) for step, v in losses.items()}
+    schedule = train_jax.make_optimizer(first["state"]["params"], **{k: tiny_flags(data_dir, "", **flags)[k] for k in train_jax.OPTIMIZER_FLAGS})[1]
+    assert values["train/lr", 8] == float(np.float32(schedule(7)))  # the rate step 8 was taken with
+    assert all(values["train/grad_norm", s] > 0 for s in (2, 4, 6, 8, 10))
+
+
+def test_samples_are_gpt2s_greedy_text_with_the_current_params(data_dir, tmp_path, capfd):
+    train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=4, sample_every=4, sample_prompt="ROMEO:"))
+    printed = [line for line in capfd.readouterr().err.splitlines() if line.startswith("step 4 sample: ")]
+    _, hparams, params = train_jax.run_params(str(tmp_path / "run"), 4)  # the step-4 checkpoint, as export writes it
+    encoder = load_encoder(str(tmp_path / "run"))
+    prompt = encoder.encode("ROMEO:")
+    text = encoder.decode(gpt2.generate(prompt, params, hparams["n_head"], 16 - len(prompt), backend="jax"))
+    assert printed == [f"step 4 sample: {text!r}"]
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(data_dir, tmp_path, capfd):
+    out = tmp_path / "run"
+    train_jax.fit(tiny_flags(data_dir, out, max_iters=4))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    capfd.readouterr()
+    argv = ["--data_dir", data_dir, "--out_dir", str(out), "--resume", "--max_iters=4", "--data_url=", "--peak_flops=1e9", "--eval_iters=2"]
+    train_jax.cli([*argv, *(f"--{k}={v}" for k, v in TINY.items())])  # returns: exit code 0
+    assert capfd.readouterr().err == "run is at step 4 of 4: raise --max_iters to continue\n"
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_peak_is_a_datasheet_figure_per_accelerator_and_the_host_once_on_cpu():
+    import types
+
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    assert train_jax.peak_flops([cpu] * 8, "float32", 5e9) == (5e9, "--peak_flops")  # 8 faked devices, one host
+    h100 = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")] * 8
+    assert train_jax.peak_flops(h100, "bfloat16")[0] == 8 * 989e12 and train_jax.peak_flops(h100, "float32")[0] == 8 * 495e12
+    assert train_jax.peak_flops(h100, "bfloat16", 1e15)[0] == 8e15
+    v5e = [types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")] * 4
+    assert train_jax.peak_flops(v5e, "bfloat16")[0] == 4 * 197e12
+    unknown = [types.SimpleNamespace(platform="gpu", device_kind="Tesla K80")]
+    assert train_jax.peak_flops(unknown, "float32") == (None, "Tesla K80 is not in train_jax.PEAK_FLOPS: give --peak_flops to see MFU")
+
+
 def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
     from tf_reference import read_checkpoint, variable_shapes
 
@@ -396,7 +514,7 @@ def test_cli_downloads_trains_exports_and_gpt2_generates(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert server.requests == [("/input.txt", None)]
     assert json.loads((tmp_path / "data" / "meta.json").read_text())["tokenizer"] == "bytes"
-    val_losses = [float(line.split("val loss ")[1]) for line in trained.stderr.splitlines() if line.startswith("step ")]
+    val_losses = [float(line.split("val loss ")[1]) for line in trained.stderr.splitlines() if ", val loss " in line]
     assert len(val_losses) == 2 and val_losses[1] < val_losses[0] < math.log(N_SYMBOLS) - 0.3  # it learned
     assert f"best val loss {min(val_losses):.4f} at step" in trained.stderr and "tok/s, MFU" in trained.stderr
     exported = run("train_jax.py", "export", "--ckpt_dir", str(tmp_path / "out"), "--out", str(tmp_path / "model"))
