@@ -4,8 +4,8 @@
     python train_jax.py [--data_dir DIR] [--max_iters 2000] ...      # train (no data: Tiny Shakespeare)
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
 
-The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, `jax.vmap`-ed over
-the batch. A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
+The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, run on the whole
+[batch, n_seq] batch (its matmuls 2-D, so XLA needs no transposed copies for the weight gradients). A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
 dropout key is carried in the train state, so `--resume` repeats the uninterrupted run step for step.
 """
 
@@ -114,9 +114,7 @@ def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
     if compute_shardings is not None:
         compute = jax.lax.with_sharding_constraint(compute, compute_shardings)
-    forward = lambda x, k: gpt2(x, **compute, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
-    keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
-    logits = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_vocab]
+    logits = gpt2(inputs, **compute, n_head=n_head, rate=rate, key=key if rate else None)  # [batch, n_seq, n_vocab]
     return cross_entropy(logits.astype(params["wte"].dtype), targets)
 
 
