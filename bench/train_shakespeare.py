@@ -51,7 +51,7 @@ def whole_split_loss(params, ids, block_size, batch_size, n_head):
 
 
 def nanogpt_ms_per_iter(nanogpt, input, max_iters, work):
-    """nanoGPT's mean ms per training iteration and its last val loss estimate, from its own log."""
+    """nanoGPT's mean ms per training iteration and its last val loss estimate with its step, from its own log."""
     data_dir = os.path.join(work, "data", "shakespeare_char")
     os.makedirs(data_dir)
     for name in ("configurator.py", "config"):  # train.py reads them from its working folder
@@ -66,8 +66,8 @@ def nanogpt_ms_per_iter(nanogpt, input, max_iters, work):
         sys.exit(f"nanoGPT failed:\n{run.stderr[-2000:]}")
     iters = [(int(i), float(ms)) for i, ms in re.findall(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", run.stdout, re.M)]
     ms = [t for i, t in iters if i > 0 and i % BABY["eval_interval"]]  # iteration 0 compiles nothing but warms up; eval iterations include the eval
-    val_losses = re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", run.stdout, re.M)
-    return sum(ms) / len(ms), float(val_losses[-1])
+    step, val_loss = re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", run.stdout, re.M)[-1]
+    return sum(ms) / len(ms), (float(val_loss), int(step))
 
 
 NANOGPT_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "learning_rate", "min_lr", "warmup_iters",
@@ -97,7 +97,7 @@ def main(input, max_iters=2000, nanogpt=""):
     print(f"baby config, {max_iters} iterations of {tokens_per_iter} tokens ({flops_per_iter / 1e9:.2f} GFLOP each)")
     print(f"ms/iter:        {summary['ms_per_step']:.1f}")
     if nanogpt:
-        print(f"nanoGPT:        {nano_ms:.1f} ms/iter (val loss {nano_val:.4f} on its {BABY['eval_iters']}-batch estimate)")
+        print(f"nanoGPT:        {nano_ms:.1f} ms/iter (val loss {nano_val[0]:.4f} at step {nano_val[1]}, on its {BABY['eval_iters']}-batch estimate)")
         print(f"speed ratio:    {nano_ms / summary['ms_per_step']:.2f}x nanoGPT's (above 1: faster)")
     else:
         print("nanoGPT:        not run (give --nanogpt DIR, a clone of karpathy/nanoGPT, with torch installed)")
