@@ -5,8 +5,9 @@
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
 
 The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, run on the whole
-[batch, n_seq] batch (its matmuls 2-D, so XLA needs no transposed copies for the weight gradients). A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
-dropout key is carried in the train state, so `--resume` repeats the uninterrupted run step for step.
+[batch, n_seq] batch. A run is a pure function of its flags: the batch of step s is drawn from
+(seed, s) and the dropout key is carried in the train state, so `--resume` repeats the uninterrupted
+run step for step.
 """
 
 import json
@@ -34,7 +35,7 @@ from data import (
     sharded_batch,
 )
 from encoder import load_encoder
-from gpt2 import gpt2
+from gpt2 import generate, gpt2
 from sharding import (
     batch_sharding,
     check_fits,
@@ -387,18 +388,16 @@ def peak_flops(devices, dtype, per_device=0.0):
     return peak * len(devices), f"the {dtype} datasheet peak of {kind}"
 
 
-def progress_line(done, max_iters, loss, lr, window_s, window_steps, tokens_per_step, flops_per_step, peak):
-    """The figures of one logging window: `step 1200/2000: loss 1.8123, lr 2.1e-04, 36.5 ms/step,
-    21,000 tok/s, MFU 41.2%` (no MFU without a peak)."""
-    step_s = window_s / window_steps
-    line = f"step {done}/{max_iters}: loss {loss:.4f}, lr {lr:.1e}, {step_s * 1e3:.1f} ms/step, {tokens_per_step / step_s:,.0f} tok/s"
-    return line + (f", MFU {flops_per_step / step_s / peak:.1%}" if peak else "")
+def window_speed(window_s, window_steps, tokens_per_step, flops_per_step, peak):
+    """ms/step, tokens/s and MFU (none without a peak) over a window of steps."""
+    speed = {"ms_per_step": 1e3 * window_s / window_steps, "tokens_per_s": tokens_per_step * window_steps / window_s}
+    return {**speed, "mfu": flops_per_step * window_steps / window_s / peak} if peak else speed
 
 
-def window_metrics(window_s, window_steps, tokens_per_step, flops_per_step, peak):
-    """tokens/s and MFU over a window of steps, for TensorBoard."""
-    metrics = {"tokens_per_s": tokens_per_step * window_steps / window_s}
-    return {**metrics, "mfu": flops_per_step * window_steps / window_s / peak} if peak else metrics
+def progress_line(done, max_iters, loss, lr, speed):
+    """`step 1200/2000: loss 1.8123, lr 2.1e-04, 36.5 ms/step, 21,000 tok/s, MFU 41.2%`."""
+    line = f"step {done}/{max_iters}: loss {loss:.4f}, lr {lr:.1e}, {speed['ms_per_step']:.1f} ms/step, {speed['tokens_per_s']:,.0f} tok/s"
+    return line + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
 
 
 def no_bad_step():
@@ -459,8 +458,6 @@ def model_params(params, n_vocab):
 
 def sample_text(params, encoder, prompt_ids, n_head, n_new):
     """The greedy continuation of `prompt_ids` by gpt2.py's generation (jax, on the default device)."""
-    from gpt2 import generate
-
     return encoder.decode(generate(prompt_ids, params, n_head, n_new, backend="jax"))
 
 
@@ -591,12 +588,12 @@ def fit(flags, clock=time.perf_counter):
             bar.close()  # the error goes on a line of its own
             raise
         lr = float(schedule(step))
-        line = progress_line(done, max_iters, losses[done], lr, window_s, window_steps, tokens_per_step, flops_per_step, peak)
+        speed = window_speed(window_s, window_steps, tokens_per_step, flops_per_step, peak)
+        line = progress_line(done, max_iters, losses[done], lr, speed)
         if main_process:
             log(line) if plain else bar.set_postfix_str(line.split(": ", 1)[1])
             scalars = {"train/loss": losses[done], "train/lr": lr, "train/grad_norm": grad_norm}
-            speed = window_metrics(window_s, window_steps, tokens_per_step, flops_per_step, peak)
-            write_scalars(writer, done, {**scalars, **{f"speed/{k}": v for k, v in speed.items()}})
+            write_scalars(writer, done, {**scalars, **{f"speed/{k}": v for k, v in speed.items() if k != "ms_per_step"}})
         val_loss = None
         if evaluating:
             train_loss = estimate_loss(eval_loss, state["params"], eval_batches["train"])
