@@ -515,8 +515,8 @@ def fit(flags, clock=time.perf_counter):
     check_fits(mesh, hparams, flags["batch_size"])
     train_ids = load_split(data_dir, "train", block_size, hparams["n_vocab"])
     val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
-    encoder = load_encoder(vocab_dir)
     if flags["sample_every"]:
+        encoder = load_encoder(vocab_dir)
         prompt_ids, n_sample = sample_prompt_ids(encoder, flags["sample_prompt"], hparams["n_ctx"])
     optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
     state, shardings = init_sharded_state(params, optimizer, seed, mesh)
