@@ -175,17 +175,17 @@ def hellaswag_line(acc, acc_norm, n_examples):
 
 
 def hellaswag_hook(models_dir, encoder, hparams, mesh, shardings, dtype, n_examples):
-    """For training's --hellaswag_every: params on the mesh -> the hellaswag line (examples read and
-    the scorer compiled once)."""
+    """For training's --hellaswag_every: params on the mesh -> (acc, acc_norm, examples scored), with
+    the examples read and the scorer compiled once."""
     check_encodes_text(encoder)
     examples = read_hellaswag(hellaswag_file(models_dir))
     score = scorer(hparams, mesh, shardings, dtype, n_examples * N_ENDINGS)
 
-    def line(params):
+    def accuracy(params):
         acc, acc_norm = hellaswag_accuracy(functools.partial(score, params), examples, encoder, hparams["n_ctx"], n_examples)
-        return hellaswag_line(acc, acc_norm, len(examples))
+        return acc, acc_norm, len(examples)
 
-    return line
+    return accuracy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,18 +35,20 @@ def softmax(x):
     return exp_x / exp_x.sum(axis=-1, keepdims=True)
 
 
-def layer_norm(x, g, b, eps=1e-5):  # [n_seq, n_embd] -> [n_seq, n_embd]
-    mean = x.mean(axis=-1, keepdims=True)  # [n_seq, 1]
-    variance = x.var(axis=-1, keepdims=True)  # [n_seq, 1]
+def layer_norm(x, g, b, eps=1e-5):  # [..., n_embd] -> [..., n_embd]
+    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
+    variance = x.var(axis=-1, keepdims=True)  # [..., 1]
     return g * (x - mean) / xp_of(x).sqrt(variance + eps) + b
 
 
-def linear(x, w, b):  # [m, n_in] @ [n_in, n_out] + [n_out] -> [m, n_out]
-    return x @ w + b
+def linear(x, w, b):  # [..., n_in] @ [n_in, n_out] + [n_out] -> [..., n_out]
+    """One 2-D matmul over all leading axes: for a batched one, XLA copies the activations into a
+    transposed layout to compute the weight gradient."""
+    return (x.reshape(-1, x.shape[-1]) @ w + b).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
-    return linear(gelu(linear(x, **c_fc)), **c_proj)  # [n_seq, 4*n_embd] in between
+def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
+    return linear(gelu(linear(x, **c_fc)), **c_proj)  # [..., n_seq, 4*n_embd] in between
 
 
 def dropout(x, rate, key):
@@ -77,49 +79,53 @@ def write_at(buffer, values, start, axis):  # buffer <- values at start.. along 
     return lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), start, axis=axis)
 
 
-def attention(q, k_t, v, mask, rate=0.0, key=None):  # [n_head, n_q, d], [n_head, d, n_k], [n_head, n_k, d], [n_q, n_k]
-    scores = q @ k_t / math.sqrt(q.shape[-1])  # [n_head, n_q, n_k]
-    return dropout(softmax(xp_of(q).where(mask, scores, -1e10)), rate, key) @ v  # [n_head, n_q, d]
+def attention(q, k_t, v, mask, rate=0.0, key=None):  # [..., n_head, n_q, d], [..., n_head, d, n_k], [..., n_head, n_k, d], [n_q, n_k]
+    scores = q @ k_t / math.sqrt(q.shape[-1])  # [..., n_head, n_q, n_k]
+    return dropout(softmax(xp_of(q).where(mask, scores, -1e10)), rate, key) @ v  # [..., n_head, n_q, d]
 
 
-def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new, n_embd] -> same
-    """Self-attention of n_new tokens in slots start.. ; with a cache, k and v are written into its
-    fixed-size buffers and each query attends to the slots from `pad` (left padding) up to its own."""
-    n_new, n_embd = x.shape
+def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):  # [..., n_new, n_embd] -> same
+    """Self-attention of n_new tokens in slots start.. of each sequence; with a cache, k and v are
+    written into its fixed-size buffers and each query attends to the slots from `pad` (left padding)
+    up to its own."""
+    *batch, n_new, n_embd = x.shape
     xp = xp_of(x)
-    qkv = linear(x, **c_attn)  # [n_new, 3*n_embd]
-    q, k, v = qkv.reshape(n_new, 3, n_head, n_embd // n_head).transpose(1, 2, 0, 3)  # 3 x [n_head, n_new, d]
-    k_t = k.swapaxes(-1, -2)  # [n_head, d, n_new]
+    qkv = linear(x, **c_attn)  # [..., n_new, 3*n_embd]
+    heads_of = qkv.reshape(*batch, n_new, 3, n_head, n_embd // n_head)  # [..., n_new, 3, n_head, d]
+    q, k, v = xp.moveaxis(heads_of, (-3, -2), (0, -3))  # 3 x [..., n_head, n_new, d]
+    k_t = k.swapaxes(-1, -2)  # [..., n_head, d, n_new]
     if kv_cache is not None:  # K is kept transposed so that q @ k_t reads it in place
         k_t, v = kv_cache = (write_at(kv_cache[0], k_t, start, -1), write_at(kv_cache[1], v, start, -2))
-    slot = xp.arange(v.shape[1])[None, :]  # [1, n_k]
+    slot = xp.arange(v.shape[-2])[None, :]  # [1, n_k]
     causal = (slot >= pad) & (slot <= start + xp.arange(n_new)[:, None])  # [n_new, n_k]
-    heads = attention(q, k_t, v, causal, rate, key)  # [n_head, n_new, d]
-    return linear(heads.transpose(1, 0, 2).reshape(n_new, n_embd), **c_proj), kv_cache
+    heads = attention(q, k_t, v, causal, rate, key)  # [..., n_head, n_new, d]
+    return linear(xp.moveaxis(heads, -3, -2).reshape(*batch, n_new, n_embd), **c_proj), kv_cache
 
 
 def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):
-    """[n_new, n_embd] -> [n_new, n_embd], and the block's updated cache."""
+    """[..., n_new, n_embd] -> [..., n_new, n_embd], and the block's updated cache."""
     attn_key, resid_1, resid_2 = split_key(key, 3)
-    x_1 = layer_norm(x, **ln_1)  # [n_new, n_embd]
+    x_1 = layer_norm(x, **ln_1)  # [..., n_new, n_embd]
     a, kv_cache = mha(x_1, **attn, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=attn_key)
     x = x + dropout(a, rate, resid_1)
     return x + dropout(ffn(layer_norm(x, **ln_2), **mlp), rate, resid_2), kv_cache
 
 
-def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [n_new] -> [n_new, n_vocab]
+def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [..., n_new] -> [..., n_new, n_vocab]
     """Logits for the tokens in slots start..start+n_new-1, at positions slot - pad (`pad` slots of
-    left padding let a batch share its slots). With `cache` (see empty_cache) it returns (logits,
-    updated cache). `rate` and a JAX `key` turn on dropout."""
+    left padding let a batch share its slots), of one sequence or of a batch ([batch, n_new] inputs,
+    as training runs it). With `cache` (see empty_cache) it returns (logits, updated cache). `rate`
+    and a JAX `key` turn on dropout."""
     xp = xp_of(wte)
     embd_key, *block_keys = split_key(key, len(blocks) + 1)
-    positions = xp.maximum(start - pad + xp.arange(inputs.shape[0]), 0)  # [n_new], padding at 0
-    x = dropout(wte[inputs] + wpe[positions], rate, embd_key)  # [n_new, n_embd]
+    positions = xp.maximum(start - pad + xp.arange(inputs.shape[-1]), 0)  # [n_new], padding at 0
+    x = dropout(wte[inputs] + wpe[positions], rate, embd_key)  # [..., n_new, n_embd]
     new_cache = []
     for block, kv_cache, block_key in zip(blocks, cache or [None] * len(blocks), block_keys):
         x, kv_cache = transformer_block(x, **block, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=block_key)
         new_cache.append(kv_cache)
-    logits = (wte @ layer_norm(x, **ln_f).T).T  # [n_vocab, n_embd] @ [n_embd, n_new]: no copy of wte.T
+    x = layer_norm(x, **ln_f).reshape(-1, x.shape[-1])  # [batch * n_new, n_embd]
+    logits = (wte @ x.T).T.reshape(*inputs.shape, wte.shape[0])  # [n_vocab, n_embd] @ [n_embd, ...]: no copy of wte.T
     return logits if cache is None else (logits, new_cache)
 
 

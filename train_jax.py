@@ -5,9 +5,10 @@
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
     python train_jax.py eval --ckpt_dir OUT_DIR --data_dir DIR --hellaswag   # evaluation.py: loss, HellaSwag
 
-The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, `jax.vmap`-ed over
-the batch. A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
-dropout key is carried in the train state, so `--resume` repeats the uninterrupted run step for step.
+The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, run on the whole
+[batch, n_seq] batch. A run is a pure function of its flags: the batch of step s is drawn from
+(seed, s) and the dropout key is carried in the train state, so `--resume` repeats the uninterrupted
+run step for step.
 """
 
 import json
@@ -34,8 +35,8 @@ from data import (
     sharded_batch,
 )
 from encoder import load_encoder
-from evaluation import evaluate, hellaswag_hook
-from gpt2 import gpt2
+from evaluation import evaluate, hellaswag_hook, hellaswag_line
+from gpt2 import generate, gpt2
 from sharding import (
     batch_sharding,
     check_fits,
@@ -51,6 +52,7 @@ from utils import (
     copy_vocab,
     expected_shapes,
     flatten,
+    import_tensorflow,
     load_encoder_hparams_and_params,
     resolve_model_dir,
     save_gpt2_checkpoint,
@@ -67,7 +69,7 @@ DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
 CONFIG_FILE = "config.json"
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
 RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
-                   "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id", "hellaswag_every")  # fmt: skip
+                   "sample_every", "sample_prompt", "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id", "hellaswag_every")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +118,7 @@ def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
     if compute_shardings is not None:
         compute = jax.lax.with_sharding_constraint(compute, compute_shardings)
-    forward = lambda x, k: gpt2(x, **compute, n_head=n_head, rate=rate, key=k)  # [n_seq] -> [n_seq, n_vocab]
-    keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
-    logits = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_vocab]
+    logits = gpt2(inputs, **compute, n_head=n_head, rate=rate, key=key if rate else None)  # [batch, n_seq, n_vocab]
     return cross_entropy(logits.astype(params["wte"].dtype), targets)
 
 
@@ -156,8 +156,8 @@ def init_sharded_state(params, optimizer, seed, mesh):
 
 
 def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None):  # inputs, targets [grad_accum, batch, n_seq]
-    """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, loss).
-    When the loss or a gradient is not finite, the params and optimizer state are left unchanged and
+    """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, metrics):
+    the loss and the gradient's global norm. When the loss or a gradient is not finite, the params and optimizer state are left unchanged and
     the loss returned is not finite (NaN if only a gradient was)."""
     import jax
     import optax
@@ -175,17 +175,18 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_s
     grad_sum, losses = jax.lax.scan(accumulate, zeros, (inputs, targets, jax.random.split(step_key, n_micro)))
     grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    loss = losses.mean()
-    finite = jax.numpy.isfinite(loss) & jax.numpy.isfinite(optax.global_norm(grads))
+    loss, grad_norm = losses.mean(), optax.global_norm(grads)  # the norm before clipping, as nanoGPT's
+    finite = jax.numpy.isfinite(loss) & jax.numpy.isfinite(grad_norm)
     keep_finite = lambda new, old: jax.numpy.where(finite, new, old)  # a NaN step leaves params and moments as they were
     params = jax.tree.map(keep_finite, optax.apply_updates(state["params"], updates), state["params"])
     opt_state = jax.tree.map(keep_finite, opt_state, state["opt_state"])
-    return {"params": params, "opt_state": opt_state, "key": key}, jax.numpy.where(finite, loss, jax.numpy.nan)
+    metrics = {"loss": jax.numpy.where(finite, loss, jax.numpy.nan), "grad_norm": grad_norm}
+    return {"params": params, "opt_state": opt_state, "key": key}, metrics
 
 
 def jit_train_step(shardings, batch, **step_args):
     """`train_step` jitted for the mesh: the state (donated) keeps its `shardings`, inputs and targets
-    come split by `batch`, the loss is replicated."""
+    come split by `batch`, the metrics are replicated."""
     import functools
 
     import jax
@@ -286,7 +287,7 @@ def check_flags(flags):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep"):  # fmt: skip
         check_positive_int(flags[name], name)
-    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "hellaswag_every"):
+    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "sample_every", "hellaswag_every"):
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
     check_seed(flags["seed"])
@@ -334,6 +335,24 @@ def initial_model(flags, meta):
     return hparams, params, model_dir
 
 
+# Dense FLOP/s of one device by its jax `device_kind` (first pattern found wins), from the vendors'
+# datasheets. float32 on NVIDIA is the TF32 tensor-core peak, which JAX's default matmul precision
+# uses; TPUs compute float32 matmuls at that default precision in single bfloat16 passes, so both
+# dtypes get the bfloat16 peak there.
+PEAK_FLOPS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 495e12}),  # SXM
+    ("H200", {"bfloat16": 989e12, "float32": 495e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("TPU v4", {"bfloat16": 275e12, "float32": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12, "float32": 197e12}),  # v5e
+    ("TPU v5e", {"bfloat16": 197e12, "float32": 197e12}),
+    ("TPU v5", {"bfloat16": 459e12, "float32": 459e12}),  # v5p
+    ("TPU v6", {"bfloat16": 918e12, "float32": 918e12}),  # v6e (Trillium), "TPU v6 lite"
+)
+SAMPLE_TOKENS = 100  # the length of a --sample_every continuation (fewer if n_ctx is shorter)
+
+
 def matmul_flops(n=2048, repeats=3):
     """The float32 FLOP/s of an n x n matmul here (best of `repeats`): the peak MFU is measured against."""
     import jax
@@ -350,28 +369,126 @@ def matmul_flops(n=2048, repeats=3):
     return 2 * n**3 / min(seconds)
 
 
+def peak_flops(devices, dtype, per_device=0.0):
+    """(FLOP/s of all `devices` together, where it comes from), or (None, why) for an unknown accelerator.
+    `per_device` (--peak_flops) overrides; CPU devices (faked ones too) share one host, so there the
+    figure, given or measured by the matmul probe, counts once."""
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return (per_device, "--peak_flops") if per_device else (matmul_flops(), "a 2048x2048 float32 matmul here")
+    if per_device:
+        return per_device * len(devices), "--peak_flops"
+    peak = next((peaks[dtype] for pattern, peaks in PEAK_FLOPS if pattern.lower() in kind.lower()), None)
+    if peak is None:
+        return None, f"{kind} is not in train_jax.PEAK_FLOPS: give --peak_flops to see MFU"
+    return peak * len(devices), f"the {dtype} datasheet peak of {kind}"
+
+
+def window_speed(window_s, window_steps, tokens_per_step, flops_per_step, peak):
+    """ms/step, tokens/s and MFU (none without a peak) over a window of steps."""
+    speed = {"ms_per_step": 1e3 * window_s / window_steps, "tokens_per_s": tokens_per_step * window_steps / window_s}
+    return {**speed, "mfu": flops_per_step * window_steps / window_s / peak} if peak else speed
+
+
+def progress_line(done, max_iters, loss, lr, speed):
+    """`step 1200/2000: loss 1.8123, lr 2.1e-04, 36.5 ms/step, 21,000 tok/s, MFU 41.2%`."""
+    line = f"step {done}/{max_iters}: loss {loss:.4f}, lr {lr:.1e}, {speed['ms_per_step']:.1f} ms/step, {speed['tokens_per_s']:,.0f} tok/s"
+    return line + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
+
+
+def no_bad_step():
+    """What `track_bad_steps` carries on the device between read-backs."""
+    import jax.numpy as jnp
+
+    return {"first_bad_step": jnp.int32(-1), "first_bad_loss": jnp.float32(0.0), "skipped": jnp.int32(0)}
+
+
+def track_bad_steps(tracker, loss, done):
+    """Note a non-finite loss on the device (train_step did not apply its update), so the host need
+    not read every loss: the first such step since the last read-back, its loss, and their count."""
+    import jax.numpy as jnp
+
+    bad = ~jnp.isfinite(loss)
+    first = (tracker["first_bad_step"] < 0) & bad
+    return {
+        "first_bad_step": jnp.where(first, done, tracker["first_bad_step"]),
+        "first_bad_loss": jnp.where(first, loss, tracker["first_bad_loss"]),
+        "skipped": tracker["skipped"] + bad.astype(jnp.int32),
+    }
+
+
+def check_bad_steps(tracker, done, window_steps, nan_policy, last_checkpoint, write):
+    """At a read-back: stop the run at the first non-finite loss since the last one (its update and
+    every later one are not saved), or report the skipped updates; returns how many were skipped."""
+    first, loss, skipped = int(tracker["first_bad_step"]), float(tracker["first_bad_loss"]), int(tracker["skipped"])
+    if skipped and nan_policy == "stop":
+        kept = "before the first checkpoint" if last_checkpoint is None else f"with the last good checkpoint (step {last_checkpoint}) intact"
+        raise UserError(f"the loss is {loss} at step {first}; stopped {kept}: lower --learning_rate in a new run, or --resume with --nan_policy skip")
+    if skipped:
+        write(f"step {done}: {skipped} of the last {window_steps} updates skipped, the first at step {first} (loss {loss}, --nan_policy skip)")
+    return skipped
+
+
+def summary_writer(out_dir):
+    """TensorBoard event files in OUT_DIR/tensorboard; a resumed run adds a file there, so its curves go on."""
+    return import_tensorflow().summary.create_file_writer(os.path.join(out_dir, "tensorboard"))
+
+
+def write_scalars(writer, step, scalars):
+    """Each {tag: value} at `step` (TensorBoard's x axis), as the scalars plugin's float32 tensors
+    (tf.summary.scalar would need the tensorboard package; the format is the same)."""
+    import tensorflow as tf
+
+    metadata = tf.compat.v1.SummaryMetadata(plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+    with writer.as_default(step=step):
+        for tag, value in scalars.items():
+            tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+
+
+def model_params(params, n_vocab):
+    """NumPy params of a model folder: a padded --vocab_size cut back to the tokenizer's n_vocab."""
+    import jax
+
+    return {**jax.tree.map(np.asarray, params), "wte": np.asarray(params["wte"])[:n_vocab]}
+
+
+def sample_text(params, encoder, prompt_ids, n_head, n_new):
+    """The greedy continuation of `prompt_ids` by gpt2.py's generation (jax, on the default device)."""
+    return encoder.decode(generate(prompt_ids, params, n_head, n_new, backend="jax"))
+
+
+def sample_prompt_ids(encoder, prompt, n_ctx):
+    """`--sample_prompt`'s ids and how many tokens follow them (SAMPLE_TOKENS, or what n_ctx leaves)."""
+    prompt = str(prompt)  # fire reads `--sample_prompt 1` as a number
+    if not prompt and encoder.eot_token is None:
+        raise UserError("--sample_prompt '': this vocabulary has no <|endoftext|> to start from: give a text")
+    try:
+        ids = encoder.encode(prompt) if prompt else [encoder.eot_token]
+    except KeyError as e:  # the bytes tokenizer knows only the bytes of its data
+        raise UserError(f"--sample_prompt {prompt!r} has a character outside the data's vocabulary ({e}): give text like the data's")
+    if len(ids) >= n_ctx:
+        raise UserError(f"--sample_prompt {prompt!r} is {len(ids)} tokens but the model sees at most {n_ctx}: shorten it")
+    return ids, min(SAMPLE_TOKENS, n_ctx - len(ids))
+
+
+def finished_step(out_dir, keep, max_iters):
+    """The step of a run that --resume cannot continue (its latest checkpoint is at --max_iters or
+    later), or None; reads the checkpoints' folder and writes nothing."""
+    manager = checkpoint_manager(out_dir, keep)
+    latest = manager.latest_step()
+    manager.close()
+    return latest if latest is not None and latest >= max_iters else None
+
+
 def estimate_loss(eval_loss, params, batches):
     """The mean loss over fixed batches (a list of [batch, n_seq] inputs and targets)."""
     return float(np.mean([eval_loss(params, x, y) for x, y in batches]))
 
 
-def check_loss(loss, step, nan_policy, last_checkpoint, bar):
-    """Stop the run at a non-finite loss (its update was not applied), or go on without that update."""
-    if math.isfinite(loss):
-        return
-    if nan_policy == "skip":
-        bar.write(f"step {step}: loss {loss}, update skipped (--nan_policy skip)", file=sys.stderr)
-        return
-    bar.close()  # the error goes on a line of its own
-    raise UserError(
-        f"the loss is {loss} at step {step}; stopped with the last good checkpoint (step {last_checkpoint}) intact: "
-        f"lower --learning_rate in a new run, or --resume with --nan_policy skip"
-    )
-
-
-def fit(flags):
+def fit(flags, clock=time.perf_counter):
     """Train with checked flags (see `train`); returns a summary: the final state, best val loss and
-    its step, the loss of every logged step, the mean ms per step and tokens per second."""
+    its step, the loss of every logged step, the mean ms per step and tokens per second over the
+    logging windows (timed by `clock`), and the number of skipped updates."""
     import functools
 
     import jax
@@ -381,15 +498,22 @@ def fit(flags):
     initialize_distributed(flags["coordinator_address"], flags["num_processes"], flags["process_id"])
     main_process = jax.process_index() == 0  # the one that logs and writes config.json
     say = log if main_process else lambda *args: None
+    data_dir, out_dir, seed, block_size, max_iters = flags["data_dir"], flags["out_dir"], flags["seed"], flags["block_size"], flags["max_iters"]
     if flags["resume"]:
-        check_resume(flags["out_dir"], flags)
-    data_dir, out_dir, seed, block_size = flags["data_dir"], flags["out_dir"], flags["seed"], flags["block_size"]
+        check_resume(out_dir, flags)
+        finished = finished_step(out_dir, flags["keep"], max_iters)
+        if finished is not None:
+            say(f"run is at step {finished} of {max_iters}: raise --max_iters to continue")
+            return {"state": None, "losses": {}, "best_val_loss": None, "best_step": None, "skipped": 0}
     ensure_data(data_dir, flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(data_dir))
     mesh = device_mesh(flags["mesh"])
     check_fits(mesh, hparams, flags["batch_size"])
     train_ids = load_split(data_dir, "train", block_size, hparams["n_vocab"])
     val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
+    encoder = load_encoder(vocab_dir) if flags["sample_every"] or flags["hellaswag_every"] else None
+    if flags["sample_every"]:
+        prompt_ids, n_sample = sample_prompt_ids(encoder, flags["sample_prompt"], hparams["n_ctx"])
     optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
     state, shardings = init_sharded_state(params, optimizer, seed, mesh)
     manager = checkpoint_manager(out_dir, flags["keep"])
@@ -417,64 +541,89 @@ def fit(flags):
         split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
-    hellaswag_args = (flags["models_dir"], load_encoder(vocab_dir), hparams, mesh, shardings["params"], dtype, flags["batch_size"])
+    hellaswag_args = (flags["models_dir"], encoder, hparams, mesh, shardings["params"], dtype, flags["batch_size"])
     score_hellaswag = hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None
     tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
-    peak = (flags["peak_flops"] or matmul_flops()) * mesh.size
-    say(
-        f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s"
-    )
-    with tqdm(desc="compiling the train step", total=1, leave=False, disable=not main_process) as bar:
+    peak, peak_source = peak_flops(mesh.devices.flatten(), dtype, flags["peak_flops"])
+    peak_text = f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"MFU not shown: {peak_source}"
+    say(f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, {peak_text}")
+    plain = not sys.stderr.isatty()  # under a scheduler or `> run.log`: one line per window, no bars
+    with tqdm(desc="compiling the train step", total=1, leave=False, disable=plain or not main_process) as bar:
         offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, train_ids, block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)
         step_fn = step_fn.lower(state, inputs, targets).compile()
         bar.update()
+    replicated = shardings["key"]
+    track = jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated)
+    fresh_tracker = jax.jit(no_bad_step, out_shardings=replicated)
+    gather = jax.jit(lambda p: p, out_shardings=replicated)  # every process can read the whole params
+    writer = summary_writer(out_dir) if main_process else None
+    write = (log if plain else functools.partial(tqdm.write, file=sys.stderr)) if main_process else say
 
-    losses, best, timed_steps, timed_seconds = {}, (math.inf, None), 0, 0.0
-    window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(desc="training", initial=start, total=flags["max_iters"], unit="step", dynamic_ncols=True, disable=not main_process)
-    for step in range(start, flags["max_iters"]):
+    losses, best, timed_steps, timed_seconds, skipped = {}, (math.inf, None), 0, 0.0, 0
+    tracker, window_first, window_start = fresh_tracker(), start, clock()
+    bar = tqdm(desc="training", initial=start, total=max_iters, unit="step", dynamic_ncols=True, disable=plain or not main_process)
+    for step in range(start, max_iters):
         offsets = batch_offsets(seed, TRAIN_STREAM, step, batch_shape, train_ids, block_size)
         inputs, targets = sharded_batch(train_ids, offsets, block_size, batch)  # [grad_accum, batch, block_size] each
-        state, loss = step_fn(state, inputs, targets)
-        done, window_steps = step + 1, window_steps + 1
-        check_loss(float(loss), done, flags["nan_policy"], manager.latest_step(), bar)
+        state, metrics = step_fn(state, inputs, targets)
+        done = step + 1
+        tracker = track(tracker, metrics["loss"], done)
         bar.update()
-        last = done == flags["max_iters"]
+        last = done == max_iters
         saving = done % flags["ckpt_interval"] == 0 or last
         evaluating = done % flags["eval_interval"] == 0 or saving  # every checkpoint has its val loss
-        if done % flags["log_interval"] == 0 or evaluating or saving:
-            losses[done] = float(loss)  # waits for the step
-            seconds = time.perf_counter() - window_start
-            timed_steps, timed_seconds = timed_steps + window_steps, timed_seconds + seconds
-            step_s = seconds / window_steps
-            bar.set_postfix_str(
-                f"loss {losses[done]:.4f}, lr {float(schedule(step)):.2e}, {step_s * 1e3:.1f} ms/step, "
-                f"{tokens_per_step / step_s:,.0f} tok/s, MFU {flops_per_step / step_s / peak:.1%}"
-            )
-            window_steps = 0
+        sampling = flags["sample_every"] and done % flags["sample_every"] == 0
+        if not (done % flags["log_interval"] == 0 or evaluating or saving or sampling):
+            continue  # the host goes on preparing batches while the device works
+        losses[done], grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
+        window_s, window_steps = clock() - window_start, done - window_first
+        timed_steps, timed_seconds = timed_steps + window_steps, timed_seconds + window_s
+        try:
+            skipped += check_bad_steps(tracker, done, window_steps, flags["nan_policy"], manager.latest_step(), write)
+        except UserError:
+            bar.close()  # the error goes on a line of its own
+            raise
+        lr = float(schedule(step))
+        speed = window_speed(window_s, window_steps, tokens_per_step, flops_per_step, peak)
+        line = progress_line(done, max_iters, losses[done], lr, speed)
+        if main_process:
+            log(line) if plain else bar.set_postfix_str(line.split(": ", 1)[1])
+            scalars = {"train/loss": losses[done], "train/lr": lr, "train/grad_norm": grad_norm}
+            write_scalars(writer, done, {**scalars, **{f"speed/{k}": v for k, v in speed.items() if k != "ms_per_step"}})
         val_loss = None
         if evaluating:
             train_loss = estimate_loss(eval_loss, state["params"], eval_batches["train"])
             val_loss = estimate_loss(eval_loss, state["params"], eval_batches["val"])
             best = min(best, (val_loss, done))
             if main_process:
-                tqdm.write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", file=sys.stderr)
-        if score_hellaswag and done % flags["hellaswag_every"] == 0:
-            line = score_hellaswag(state["params"])  # on every process: the forward is sharded
+                write(f"step {done}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                write_scalars(writer, done, {"eval/train_loss": train_loss, "eval/val_loss": val_loss})
+        if sampling:
+            host_params = model_params(gather(state["params"]), len(encoder.encoder))
             if main_process:
-                tqdm.write(f"step {done}: {line}", file=sys.stderr)
+                write(f"step {done} sample: {sample_text(host_params, encoder, prompt_ids, n_head, n_sample)!r}")
+        if score_hellaswag and done % flags["hellaswag_every"] == 0:
+            acc, acc_norm, n_examples = score_hellaswag(state["params"])  # on every process: the forward is sharded
+            if main_process:
+                write(f"step {done}: {hellaswag_line(acc, acc_norm, n_examples)}")
+                write_scalars(writer, done, {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm})
         if saving or (evaluating and best[1] == done):
             save_checkpoint(manager, done, state, seed, val_loss)
-        window_start = time.perf_counter()
+            if main_process:
+                writer.flush()  # a killed run keeps the curves of its checkpointed steps
+        tracker, window_first, window_start = fresh_tracker(), done, clock()
     bar.close()
     manager.close()
-    summary = {"state": state, "losses": losses, "best_val_loss": best[0], "best_step": best[1]}
+    if main_process:
+        writer.close()
+    summary = {"state": state, "losses": losses, "best_val_loss": best[0], "best_step": best[1], "skipped": skipped}
     if timed_steps:
         summary.update(ms_per_step=1e3 * timed_seconds / timed_steps, tokens_per_s=tokens_per_step * timed_steps / timed_seconds)
         say(f"{summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s over {timed_steps} steps")
+    if skipped:
+        say(f"{skipped} updates skipped at a non-finite loss (--nan_policy skip)")
     say(f"best val loss {best[0]:.4f} at step {best[1]}; checkpoints in {os.path.join(out_dir, 'checkpoints')}")
     return summary
 
@@ -511,6 +660,8 @@ def train(
     seed=1337,
     dtype="float32",
     peak_flops=0.0,
+    sample_every=0,
+    sample_prompt="ROMEO:",
     nan_policy="stop",
     mesh="",
     coordinator_address="",
@@ -548,13 +699,18 @@ def train(
       grad_clip: clip gradients to this global norm (0: no clipping).
       eval_interval: steps between evaluations of train and val loss.
       eval_iters: batches per evaluation.
-      log_interval: steps between log lines (loss, ms/step, tokens/s, MFU).
+      log_interval: steps between log lines (loss, lr, ms/step, tokens/s, MFU over the interval), the
+        only steps besides evaluations and checkpoints that wait for the device to read the loss.
       ckpt_interval: steps between checkpoints (also at the end, and at every new best val loss).
       keep: how many of the latest checkpoints to keep (the best is always kept).
       resume: continue the run in out_dir from its latest checkpoint (with the same flags).
       seed: the seed of init, data order and dropout.
       dtype: float32, or bfloat16 (compute; the master weights stay float32).
-      peak_flops: the FLOP/s MFU is relative to (0: measure a 2048x2048 float32 matmul), per device.
+      peak_flops: the FLOP/s of one accelerator that MFU is relative to; 0: its datasheet peak for
+        --dtype (A100, H100, H200, TPU v4, v5e, v5p, v6e; others show no MFU), or on a CPU a 2048x2048
+        float32 matmul probe. On a CPU the figure is the whole host's, which its devices share.
+      sample_every: steps between greedy samples of --sample_prompt printed while training (0: none).
+      sample_prompt: the text the samples continue ('': <|endoftext|>).
       nan_policy: at a NaN or inf loss, stop (the run exits, naming the step; its checkpoints are intact)
         or skip (that step's update is not applied and training goes on).
       mesh: the devices to train on, as axis sizes: dp=8 (data parallel), fsdp=8 (weights and optimizer
@@ -593,7 +749,7 @@ def run_params(ckpt_dir, step=None):
         raise UserError(f"the checkpoint {os.path.join(manager.directory, str(step))} cannot be read ({type(e).__name__}): "
                         f"move that folder away to use another step (the run has {list(manager.all_steps())})")  # fmt: skip
     n_vocab = len(load_encoder(ckpt_dir).encoder)
-    return step, {**config["hparams"], "n_vocab": n_vocab}, {**params, "wte": params["wte"][:n_vocab]}
+    return step, {**config["hparams"], "n_vocab": n_vocab}, model_params(params, n_vocab)
 
 
 EXPORT_FORMATS = {"release": save_gpt2_checkpoint, "hf": save_hf_checkpoint}

@@ -1,6 +1,8 @@
+import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,6 +12,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tf_reference, 
 # A model with the real GPT-2 vocabulary, so real text goes in and out, and little else.
 SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 PROMPT = "Alan Turing theorized that computers would one day become"
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2**-23, about 1.2e-7
+
+
+def float32_tolerance(scale, reduction_length, eps=FLOAT32_EPS):
+    """How far two float32 computations of values of size `scale` may differ when they sum in another
+    order (another BLAS, XLA's fusions, a mesh's split): each rounds with an error of about
+    eps * scale * sqrt(length) (rounding errors of a length-n sum add up like a random walk: Higham's
+    probabilistic bound), and the difference of two is at most twice that."""
+    return 2 * eps * scale * math.sqrt(reduction_length)
+
+
+def forward_length(hparams, n_seq):
+    """The length of the sums a logit goes through, whose rounding errors add up: per block the q/k/v,
+    attention scores and weighted values (n_seq each), output projection and the two MLP matmuls
+    (n_embd and 4 n_embd), then the n_embd-long dot with wte."""
+    n_embd = hparams["n_embd"]
+    return hparams["n_layer"] * (3 * n_embd + 2 * n_seq + 4 * n_embd) + n_embd
 
 
 @pytest.fixture(scope="session", autouse=True)

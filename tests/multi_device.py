@@ -44,14 +44,14 @@ def one_step(specs):
     step = functools.partial(train_jax.train_step, optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
     single = jax.devices()[0]
     state = jax.device_put(train_jax.init_state(params, optimizer, seed=0), single)
-    reference, loss = jax.jit(step)(state, jax.device_put(inputs, single), jax.device_put(targets, single))
+    reference, metrics = jax.jit(step)(state, jax.device_put(inputs, single), jax.device_put(targets, single))
     expected = {path: np.asarray(a) for path, a in flatten(reference["params"]).items()}
-    results = {"unsharded": {"loss": float(loss)}}
+    results = {"unsharded": {"loss": float(metrics["loss"])}}
     for spec in specs:
-        new, loss = sharded_step(params, optimizer, spec, inputs, targets)
+        new, metrics = sharded_step(params, optimizer, spec, inputs, targets)
         flat = flatten(new["params"])
         results[spec] = {
-            "loss": float(loss),
+            "loss": float(metrics["loss"]),
             "max_param_diff": max(float(np.abs(np.asarray(flat[path]) - expected[path]).max()) for path in expected),
             "specs": {path: str(a.sharding.spec) for path, a in flat.items()},
         }

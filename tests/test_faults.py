@@ -296,7 +296,21 @@ def test_nan_policy_skip_leaves_out_the_non_finite_updates(data_dir, tmp_path, c
     for a, b in zip(jax.tree.leaves(one["state"]["params"]), jax.tree.leaves(skip["state"]["params"])):
         np.testing.assert_array_equal(a, b)  # steps 2..5 changed nothing
     err = capfd.readouterr().err
-    assert [f"step {s}: loss nan, update skipped (--nan_policy skip)" in err for s in range(2, 6)] == [True] * 4
+    lines = [f"step {s}: 1 of the last 1 updates skipped, the first at step {s} (loss nan, --nan_policy skip)" for s in range(2, 6)]
+    assert [line in err for line in lines] == [True] * 4 and skip["skipped"] == 4
+
+
+READ_BACK_AT_5 = {**LR_BLOWUP, "ckpt_interval": 5, "eval_interval": 5, "log_interval": 5}
+
+
+def test_bad_steps_between_read_backs_are_counted_on_the_device(data_dir, tmp_path, capfd):
+    """The loss is read only at step 5: the device keeps the first non-finite step (2) and the count."""
+    skip = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=str(tmp_path / "skip"), **READ_BACK_AT_5, nan_policy="skip"))
+    assert list(skip["losses"]) == [5] and skip["skipped"] == 4
+    assert "step 5: 4 of the last 5 updates skipped, the first at step 2 (loss nan, --nan_policy skip)" in capfd.readouterr().err
+    with pytest.raises(UserError, match=re.escape("the loss is nan at step 2; stopped before the first checkpoint: lower")):
+        train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=str(tmp_path / "stop"), **READ_BACK_AT_5))
+    assert steps_on_disk(tmp_path / "stop") == []  # the state after the bad step is never saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROMPT, ROOT, prepared_text
+from conftest import PROMPT, ROOT, float32_tolerance, forward_length, prepared_text
 
 TESTS = os.path.join(ROOT, "tests")
 MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
@@ -20,6 +20,11 @@ CORPUS = "".join(f"ROMEO: line {i} of the play, {i * 7 % 13} times.\nJULIET: and
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, data_url="", peak_flops=1e9)
 TP8_ERROR = "--mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"
 SCHEDULE = dict(warmup_iters=0, lr_decay_iters=10, learning_rate=1e-2, eval_iters=2, log_interval=1)
+# A mesh splits the sums of a step's loss (the forward, then the mean over 8 x 16 tokens, twice
+# that for multi_device's [2, 8, 16] batch) in other places: the loss of one step may differ from
+# the unsharded one by float32 rounding over those lengths, relative to the loss; over several steps,
+# each step's rounding adds up.
+LOSS_TOLERANCE = float32_tolerance(1.0, forward_length({"n_layer": 2, "n_embd": 32}, 16) + 2 * 8 * 16)
 
 
 def device_env(n_devices):
@@ -101,8 +106,12 @@ def test_one_train_step_under_each_mesh_equals_the_unsharded_step():
     steps = on_devices("one_step", specs=list(MESHES))
     expected = steps.pop("unsharded")["loss"]
     for mesh, step in steps.items():
-        assert step["loss"] == pytest.approx(expected, rel=1e-6), mesh
-        assert step["max_param_diff"] < 5e-5, mesh  # float32 reduction order, through one AdamW step of 1e-2
+        assert step["loss"] == pytest.approx(expected, rel=LOSS_TOLERANCE), mesh
+        # Adam's first step moves a weight by lr * g / (|g| + 1e-8) = +-lr (lr = 1e-2): a gradient's
+        # float32 rounding (relative LOSS_TOLERANCE, ~7e-6) changes that only for gradients within
+        # that rounding of 1e-8 of zero; 5e-3 lr lets through none of the lr-sized moves a wrongly
+        # split gradient makes. (A bound from the loss alone cannot be had: see issue-10 report.)
+        assert step["max_param_diff"] < 5e-3 * 1e-2, mesh
     assert steps["dp=8"]["specs"]["blocks/0/attn/c_attn/w"] == "P(None, None)"  # dp replicates the weights
     assert steps["fsdp=8"]["specs"]["blocks/0/attn/c_attn/w"] == "P(None, 'fsdp')"  # the largest dimension
     assert steps["fsdp=8"]["specs"]["blocks/0/mlp/c_proj/w"] == "P('fsdp', None)"
@@ -132,9 +141,9 @@ def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_l
         ],
     )
     assert list(resumed) == ["3"]
-    assert first["2"] == pytest.approx(whole["2"], rel=1e-6)
-    assert resumed["3"] == pytest.approx(whole["3"], rel=1e-5)
-    assert resumed["3"] != pytest.approx(first["1"], rel=1e-3)  # the step learned from the restored state
+    assert first["2"] == pytest.approx(whole["2"], rel=2 * LOSS_TOLERANCE)  # the same mesh: 2 steps, no difference expected
+    assert resumed["3"] == pytest.approx(whole["3"], rel=3 * LOSS_TOLERANCE)  # 3 steps, the 3rd on another mesh
+    assert resumed["3"] != pytest.approx(first["1"], rel=100 * LOSS_TOLERANCE)  # the step learned from the restored state
 
 
 def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir, tmp_path):
@@ -148,7 +157,7 @@ def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir
     (expected,), *per_process = [result(p) for p in (one, *processes)]
     assert list(expected) == ["1", "2", "3", "4", "5"]
     for (losses,) in per_process:
-        assert losses == pytest.approx(expected, rel=1e-5)
+        assert losses == pytest.approx(expected, rel=5 * LOSS_TOLERANCE)  # 5 steps
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "5")  # orbax saved across the processes
 
 
