@@ -36,7 +36,7 @@ def masked_loss_sums(params, inputs, targets, mask, n_head, dtype, compute_shard
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
     if compute_shardings is not None:
         compute = jax.lax.with_sharding_constraint(compute, compute_shardings)
-    logits = jax.vmap(lambda x: gpt2(x, **compute, n_head=n_head))(inputs)  # [rows, n_seq, n_vocab]
+    logits = gpt2(inputs, **compute, n_head=n_head)  # [rows, n_seq, n_vocab]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(np.float32), targets)  # [rows, n_seq]
     return (losses * mask).sum(-1)
 
