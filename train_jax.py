@@ -145,40 +145,53 @@ def resolve_remat(remat, platform):
     return ("none" if platform == "cpu" else "block") if remat == "auto" else remat
 
 
-def training_block(remat, shardings=None):
-    """`transformer_block` as hidden_states calls it, with its weights gathered to `shardings` (one
-    block's: under fsdp only the block being computed is whole) and, given a policy, rematerialized:
+def scanned_layers(remat, shardings=None):
+    """hidden_states' `block` for all the layers at once, given as one block of stacked weights
+    ([n_layer, ...] each): `lax.scan` runs `transformer_block` layer by layer, so the program (and its
+    compile time) holds one block whatever the depth. Each layer's weights are gathered to `shardings`
+    inside the loop (under fsdp one layer is whole at a time) and, given a policy, rematerialized:
     its activations are recomputed in the backward pass but for what --remat's policy saves."""
     import jax
 
-    def block(x, weights, key, n_head, rate):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    def layer(x, weights, key, n_head, rate):  # [n_seq, n_embd] -> [n_seq, n_embd]
         if shardings is not None:
             weights = jax.lax.with_sharding_constraint(weights, shardings)
         return transformer_block(x, **weights, n_head=n_head, rate=rate, key=key)[0]
 
     if REMAT_POLICIES[remat] is not None:
-        block = jax.checkpoint(block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), static_argnums=(3, 4))
+        layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), static_argnums=(3, 4))
 
-    def hook(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):  # training has no cache
-        return block(x, dict(mlp=mlp, attn=attn, ln_1=ln_1, ln_2=ln_2), key, n_head, rate), kv_cache
+    def layers(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):  # training has no cache
+        stacked = dict(mlp=mlp, attn=attn, ln_1=ln_1, ln_2=ln_2)
+        keys = None if key is None else jax.random.split(key, ln_1["g"].shape[0])  # [n_layer] dropout keys
+        step = lambda x, weights_key: (layer(x, *weights_key, n_head, rate), None)
+        return jax.lax.scan(step, x, (stacked, keys))[0], kv_cache
 
-    return hook
+    return layers
+
+
+def stack_blocks(blocks):  # n_layer blocks -> one block of [n_layer, ...] weights
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)
 
 
 def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
-    weights' precision (float32). On a mesh, the weights are used with `compute_shardings`, each
-    block's when that block runs. `remat` is a key of REMAT_POLICIES; `loss_chunk` the positions
-    whose logits are computed at once (0: all)."""
+    weights' precision (float32). The blocks run as one scan over their stacked weights. On a mesh,
+    the weights are used with `compute_shardings`, each block's when that block runs. `remat` is a
+    key of REMAT_POLICIES; `loss_chunk` the positions whose logits are computed at once (0: all)."""
     import jax
 
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
-    block = training_block(remat)
+    layers = scanned_layers(remat)
     if compute_shardings is not None:
         outside = {name: compute_shardings[name] for name in ("wte", "wpe", "ln_f")}
         compute = {**compute, **jax.lax.with_sharding_constraint({name: compute[name] for name in outside}, outside)}
-        block = training_block(remat, compute_shardings["blocks"][0])  # every block has the same layout
-    forward = lambda x, k: hidden_states(x, **compute, n_head=n_head, rate=rate, key=k, block=block)[0]  # [n_seq] -> [n_seq, n_embd]
+        layers = scanned_layers(remat, compute_shardings["blocks"][0])  # every block has the same layout
+    compute["blocks"] = [stack_blocks(compute["blocks"])]
+    forward = lambda x, k: hidden_states(x, **compute, n_head=n_head, rate=rate, key=k, block=layers)[0]  # [n_seq] -> [n_seq, n_embd]
     keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
     h = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_embd]
     return chunked_cross_entropy(h, compute["wte"], targets, loss_chunk, params["wte"].dtype)

@@ -72,10 +72,21 @@ def sharded_step(params, optimizer, spec, inputs, targets):
     return train_jax.jit_train_step(shardings, batch, **step_args)(state, *placed)
 
 
+def plain_loss(params, inputs, targets):  # [batch, n_seq] x2 -> []
+    """The loss as it was before remat, scanned layers and chunks: gpt2.gpt2's logits, all at once."""
+    import jax
+    import optax
+
+    import gpt2
+
+    logits = jax.vmap(lambda x: gpt2.gpt2(x, **params, n_head=HPARAMS["n_head"]))(inputs)  # [batch, n_seq, n_vocab]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
 def loss_grads(specs, variants):
     """loss_fn's loss and gradients for each variant (its remat and loss_chunk) on one device and
-    under each mesh, against the plain ones (no remat, all logits at once) on one device: the loss's
-    relative difference, and the largest gradient difference relative to that gradient's largest entry."""
+    under each mesh, against `plain_loss`'s on one device: the loss's relative difference, and the
+    largest gradient difference relative to that gradient's largest entry."""
     import jax
 
     from sharding import batch_sharding, device_mesh, gathered, param_shardings
@@ -85,7 +96,7 @@ def loss_grads(specs, variants):
     args = dict(key=None, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
     grad_fn = lambda **kwargs: jax.jit(jax.value_and_grad(functools.partial(train_jax.loss_fn, **args, **kwargs)))
     single = jax.devices()[0]
-    loss, grads = grad_fn()(*jax.device_put((params, inputs, targets), single))
+    loss, grads = jax.jit(jax.value_and_grad(plain_loss))(*jax.device_put((params, inputs, targets), single))
     expected = {path: np.asarray(g) for path, g in flatten(grads).items()}
     results = {}
     for spec in ["", *specs]:
