@@ -831,14 +831,15 @@ def compile_step(topology="local", device_memory=0.0, **train_flags):
     plan = batch_plan(flags, mesh)
     compiled = compiled_train_step(flags, hparams, mesh)
     arguments, temporaries, total = step_memory(compiled)
-    cost = compiled.cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    tokens_per_step = plan["grad_accum"] * plan["global_batch"] * flags["block_size"]
+    params = abstract_params(hparams)  # XLA's cost_analysis counts a scanned layer once: count the model's FLOPs
+    flops = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], flags["block_size"]) * tokens_per_step / mesh.size
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
     print(
         f"{', '.join(kinds)} x {mesh.size} {dict(mesh.shape)}, --batch_size {flags['batch_size']} per rank x "
         f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}: arguments "
         f"{show_bytes(arguments)} + temporaries {show_bytes(temporaries)} = {show_bytes(total)} of {show_bytes(capacity)} per "
-        f"device, {flops / 1e12:.3f} TFLOP per step per device: {'fits' if total <= capacity else 'does not fit'}",
+        f"device, {flops / 1e12:.3f} TFLOP per step per device (6N + attention): {'fits' if total <= capacity else 'does not fit'}",
         flush=True,
     )
     if total <= capacity:

@@ -164,7 +164,7 @@ def test_compile_local_says_whether_the_step_fits_and_the_largest_batch_that_doe
     needed = on_devices("step_bytes", flags=run_flags(data_dir, "out", mesh="dp=8", n_layer=1), batch_sizes=list(range(1, 9)))
     done = run_script(*compile_args(data_dir, "dp=8", 8))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"cpu x 8 .*--batch_size 8 per rank.* of .* per device, [\d.]+ TFLOP per step per device: fits$", done.stdout.strip())
+    assert re.search(r"cpu x 8 .*--batch_size 8 per rank.* of .* per device, [\d.]+ TFLOP per step per device \(6N \+ attention\): fits$", done.stdout.strip())
     limit = needed["2"]  # what two sequences per rank need: 8 do not fit, 2 do
     done = run_script(*compile_args(data_dir, "dp=8", 8, f"--device_memory={limit}"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
