@@ -110,7 +110,7 @@ def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, 
 def hidden_states(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None, block=transformer_block):
     """[n_new] -> the final layer-normed states [n_new, n_embd], and the updated cache (None without
     one). `block` is `transformer_block` or a function that wraps it (training runs all the layers
-    as one block of stacked weights, see train_jax.scanned_layers)."""
+    as one block of stacked weights, see train_jax.scanned_blocks)."""
     xp = xp_of(wte)
     embd_key, *block_keys = split_key(key, len(blocks) + 1)
     positions = xp.maximum(start - pad + xp.arange(inputs.shape[0]), 0)  # [n_new], padding at 0

@@ -5,7 +5,8 @@
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
     python train_jax.py compile --topology v5litepod-8 [train flags]  # will the run fit? (no TPU needed)
 
-The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, `jax.vmap`-ed over
+The loss is the cross-entropy of the same forward that generates text (`gpt2.hidden_states`, its
+blocks scanned under --remat, then `gpt2.unembed` a chunk of positions at a time), `jax.vmap`-ed over
 the batch. A run is a pure function of its flags: the batch of step s is drawn from (seed, s) and the
 dropout key is carried in the train state, so `--resume` repeats the uninterrupted run step for step.
 """
@@ -145,12 +146,10 @@ def resolve_remat(remat, platform):
     return ("none" if platform == "cpu" else "block") if remat == "auto" else remat
 
 
-def scanned_layers(remat, shardings=None):
-    """hidden_states' `block` for all the layers at once, given as one block of stacked weights
-    ([n_layer, ...] each): `lax.scan` runs `transformer_block` layer by layer, so the program (and its
-    compile time) holds one block whatever the depth. Each layer's weights are gathered to `shardings`
-    inside the loop (under fsdp one layer is whole at a time) and, given a policy, rematerialized:
-    its activations are recomputed in the backward pass but for what --remat's policy saves."""
+def training_layer(remat, shardings=None):
+    """`transformer_block` of one layer for training: its weights gathered to `shardings` (under
+    fsdp only the layer being computed is whole) and, given a policy, rematerialized: its activations
+    are recomputed in the backward pass but for what --remat's policy saves."""
     import jax
 
     def layer(x, weights, key, n_head, rate):  # [n_seq, n_embd] -> [n_seq, n_embd]
@@ -158,10 +157,28 @@ def scanned_layers(remat, shardings=None):
             weights = jax.lax.with_sharding_constraint(weights, shardings)
         return transformer_block(x, **weights, n_head=n_head, rate=rate, key=key)[0]
 
-    if REMAT_POLICIES[remat] is not None:
-        layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), static_argnums=(3, 4))
+    if REMAT_POLICIES[remat] is None:
+        return layer
+    return jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), static_argnums=(3, 4))
 
-    def layers(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):  # training has no cache
+
+def each_block(layer):
+    """hidden_states' `block`, one call per block (the program holds every layer: XLA fuses across
+    them, and frees what the backward pass no longer needs as it goes)."""
+
+    def block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):  # training has no cache
+        return layer(x, dict(mlp=mlp, attn=attn, ln_1=ln_1, ln_2=ln_2), key, n_head, rate), kv_cache
+
+    return block
+
+
+def scanned_blocks(layer):
+    """hidden_states' `block` for all the layers at once, given as one block of stacked weights
+    ([n_layer, ...] each): `lax.scan` runs `layer` over them, so the program (and its compile time)
+    holds one layer whatever the depth."""
+    import jax
+
+    def layers(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):
         stacked = dict(mlp=mlp, attn=attn, ln_1=ln_1, ln_2=ln_2)
         keys = None if key is None else jax.random.split(key, ln_1["g"].shape[0])  # [n_layer] dropout keys
         step = lambda x, weights_key: (layer(x, *weights_key, n_head, rate), None)
@@ -179,19 +196,25 @@ def stack_blocks(blocks):  # n_layer blocks -> one block of [n_layer, ...] weigh
 
 def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
-    weights' precision (float32). The blocks run as one scan over their stacked weights. On a mesh,
-    the weights are used with `compute_shardings`, each block's when that block runs. `remat` is a
-    key of REMAT_POLICIES; `loss_chunk` the positions whose logits are computed at once (0: all)."""
+    weights' precision (float32). On a mesh, the weights are used with `compute_shardings`, each
+    block's when that block runs. `remat` is a key of REMAT_POLICIES: with a policy the blocks run as
+    one scan over their stacked weights; without, one by one (a scan would keep every layer's
+    activations stacked: 3x the memory of 124M's step, and half the speed of the CPU baby config).
+    `loss_chunk` is the positions whose logits are computed at once (0: all)."""
     import jax
 
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
-    layers = scanned_layers(remat)
+    block_shardings = None
     if compute_shardings is not None:
         outside = {name: compute_shardings[name] for name in ("wte", "wpe", "ln_f")}
         compute = {**compute, **jax.lax.with_sharding_constraint({name: compute[name] for name in outside}, outside)}
-        layers = scanned_layers(remat, compute_shardings["blocks"][0])  # every block has the same layout
-    compute["blocks"] = [stack_blocks(compute["blocks"])]
-    forward = lambda x, k: hidden_states(x, **compute, n_head=n_head, rate=rate, key=k, block=layers)[0]  # [n_seq] -> [n_seq, n_embd]
+        block_shardings = compute_shardings["blocks"][0]  # every block has the same layout
+    layer = training_layer(remat, block_shardings)
+    if REMAT_POLICIES[remat] is None:
+        block = each_block(layer)
+    else:
+        compute["blocks"], block = [stack_blocks(compute["blocks"])], scanned_blocks(layer)
+    forward = lambda x, k: hidden_states(x, **compute, n_head=n_head, rate=rate, key=k, block=block)[0]  # [n_seq] -> [n_seq, n_embd]
     keys = jax.random.split(key, inputs.shape[0]) if rate else None  # [batch] dropout keys
     h = jax.vmap(forward, in_axes=(0, 0 if rate else None))(inputs, keys)  # [batch, n_seq, n_embd]
     return chunked_cross_entropy(h, compute["wte"], targets, loss_chunk, params["wte"].dtype)
@@ -790,8 +813,20 @@ def show_bytes(n):
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-def step_memory(compiled):
-    """(argument, temporary, total) bytes one device holds while the compiled step runs."""
+def step_memory(flags, hparams, mesh):
+    """(argument, temporary, total) bytes one device holds while the step of `flags` runs, from its
+    compiled program; when the TPU compiler refuses a program larger than HBM, (None, the
+    temporaries it names, the same)."""
+    import jax
+
+    try:
+        compiled = compiled_train_step(flags, hparams, mesh)
+    except jax.errors.JaxRuntimeError as e:
+        needed = re.search(r"RESOURCE_EXHAUSTED: .*memory required for HLO temporaries \(([\d.]+)([KMG])\)", str(e))
+        if not needed:
+            raise
+        temporaries = float(needed[1]) * 2 ** (10 * "KMG".index(needed[2]) + 10)
+        return None, temporaries, temporaries
     memory = compiled.memory_analysis()
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # the donated state is updated in place
@@ -829,23 +864,23 @@ def compile_step(topology="local", device_memory=0.0, **train_flags):
     check_fits(mesh, hparams)
     capacity = device_memory or memory_per_device(mesh.devices.flat[0], len(devices))
     plan = batch_plan(flags, mesh)
-    compiled = compiled_train_step(flags, hparams, mesh)
-    arguments, temporaries, total = step_memory(compiled)
+    arguments, temporaries, total = step_memory(flags, hparams, mesh)
     tokens_per_step = plan["grad_accum"] * plan["global_batch"] * flags["block_size"]
     params = abstract_params(hparams)  # XLA's cost_analysis counts a scanned layer once: count the model's FLOPs
     flops = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], flags["block_size"]) * tokens_per_step / mesh.size
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
     print(
         f"{', '.join(kinds)} x {mesh.size} {dict(mesh.shape)}, --batch_size {flags['batch_size']} per rank x "
-        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}: arguments "
-        f"{show_bytes(arguments)} + temporaries {show_bytes(temporaries)} = {show_bytes(total)} of {show_bytes(capacity)} per "
+        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}: "
+        + (f"arguments {show_bytes(arguments)} + temporaries {show_bytes(temporaries)} = " if arguments is not None else "temporaries ")
+        + f"{show_bytes(total)} of {show_bytes(capacity)} per "
         f"device, {flops / 1e12:.3f} TFLOP per step per device (6N + attention): {'fits' if total <= capacity else 'does not fit'}",
         flush=True,
     )
     if total <= capacity:
         return
     micro = {**flags, "total_batch_tokens": 0, "grad_accum": plan["grad_accum"]}  # the memory of one micro-batch
-    fits = lambda batch_size: step_memory(compiled_train_step({**micro, "batch_size": batch_size}, hparams, mesh))[2] <= capacity
+    fits = lambda batch_size: step_memory({**micro, "batch_size": batch_size}, hparams, mesh)[2] <= capacity
     best = largest_batch(fits, flags["batch_size"])
     advice = f"the largest --batch_size that fits is {best} (per dp*fsdp rank)" if best else "not even --batch_size 1 fits: shard the model (--mesh fsdp=N) or use --remat block"
     raise UserError(f"the train step needs {show_bytes(total)} per device but a {kinds[0]} holds {show_bytes(capacity)}: {advice}")

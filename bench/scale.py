@@ -137,12 +137,13 @@ def tpu(rows=None):
         devices = topology_devices(topology)
         mesh = parse_mesh(spec, devices)
         start = time.perf_counter()
-        arguments, temporaries, total = train_jax.step_memory(train_jax.compiled_train_step(flags, hparams, mesh))
+        arguments, temporaries, total = train_jax.step_memory(flags, hparams, mesh)
         seconds = time.perf_counter() - start
         hbm = memory_per_device(devices[0], len(devices))
         remat = train_jax.resolve_remat(flags["remat"], "tpu")
         print(
-            f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}{arguments / GiB:>10.2f}"
+            f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}"
+            f"{'-' if arguments is None else f'{arguments / GiB:.2f}':>10}"
             f"{temporaries / GiB:>10.2f}{hbm / GiB:>9.0f}  {'yes' if total <= hbm else 'no':<5}{seconds:>10.0f}",
             flush=True,
         )

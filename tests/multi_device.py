@@ -135,7 +135,7 @@ def step_bytes(flags, batch_sizes):
 
     flags = train_jax.default_flags(**flags)
     mesh, hparams = device_mesh(flags["mesh"]), train_jax.model_shape(flags)
-    compile_total = lambda b: train_jax.step_memory(train_jax.compiled_train_step({**flags, "batch_size": b}, hparams, mesh))[2]
+    compile_total = lambda b: train_jax.step_memory({**flags, "batch_size": b}, hparams, mesh)[2]
     return {str(b): compile_total(b) for b in batch_sizes}
 
 
