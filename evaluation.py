@@ -48,7 +48,7 @@ def scorer(hparams, mesh, shardings, dtype, n_rows):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    check_fits(mesh, hparams, n_rows)
+    check_fits(mesh, hparams)
     rows = batch_sharding(mesh, 2, axis=0)
     sums = functools.partial(masked_loss_sums, n_head=hparams["n_head"], dtype=dtype, compute_shardings=gathered(shardings))
     jitted = jax.jit(sums, in_shardings=(shardings, rows, rows, rows), out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -234,7 +234,8 @@ def evaluate(
       hellaswag: --hellaswag alone downloads HellaSwag's validation set (set HELLASWAG_URL for a mirror);
         --hellaswag FILE reads that .jsonl.
       limit: score only the first K HellaSwag examples (0: all).
-      batch_size: windows per forward pass for the loss, examples (4 sequences each) for HellaSwag.
+      batch_size: windows per forward pass for the loss, examples (4 sequences each) for HellaSwag, on
+        each data-parallel rank (dp * fsdp of the mesh), as in training.
       dtype: float32, or bfloat16 (compute; the softmax stays float32).
       mesh: the devices to score on, as for training (dp=8, fsdp=8, tp=2, ...); '' for one device.
     """
@@ -250,17 +251,18 @@ def evaluate(
         raise UserError(f"unknown --split {split!r}: use val or train")
     encoder, hparams, params = model_to_score(model_size, ckpt_dir, step, models_dir)
     mesh = device_mesh(mesh)
-    check_fits(mesh, hparams, batch_size)
+    check_fits(mesh, hparams)
+    rows = batch_size * mesh.shape["dp"] * mesh.shape["fsdp"]  # --batch_size per data-parallel rank, as in training
     shardings = param_shardings(params, mesh)
     placed = place(params, shardings)
     if data_dir:
         data = load_split(check_folder(data_dir, "data_dir"), split, 1, hparams["n_vocab"])
-        score = functools.partial(scorer(hparams, mesh, shardings, dtype, batch_size), placed)
-        loss, n_predicted = split_loss(score, data, hparams["n_ctx"], batch_size, eval_tokens)
+        score = functools.partial(scorer(hparams, mesh, shardings, dtype, rows), placed)
+        loss, n_predicted = split_loss(score, data, hparams["n_ctx"], rows, eval_tokens)
         print(f"{split} loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {n_predicted:,} tokens", flush=True)
     if hellaswag is not False:
         check_encodes_text(encoder)
         path = hellaswag_file(models_dir) if hellaswag is True else str(hellaswag)
         examples = read_hellaswag(path, limit)
-        score = functools.partial(scorer(hparams, mesh, shardings, dtype, batch_size * N_ENDINGS), placed)
-        print(hellaswag_line(*hellaswag_accuracy(score, examples, encoder, hparams["n_ctx"], batch_size), len(examples)), flush=True)
+        score = functools.partial(scorer(hparams, mesh, shardings, dtype, rows * N_ENDINGS), placed)
+        print(hellaswag_line(*hellaswag_accuracy(score, examples, encoder, hparams["n_ctx"], rows), len(examples)), flush=True)

@@ -111,21 +111,33 @@ def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, 
     return x + dropout(ffn(layer_norm(x, **ln_2), **mlp), rate, resid_2), kv_cache
 
 
-def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [..., n_new] -> [..., n_new, n_vocab]
-    """Logits for the tokens in slots start..start+n_new-1, at positions slot - pad (`pad` slots of
-    left padding let a batch share its slots), of one sequence or of a batch ([batch, n_new] inputs,
-    as training runs it). With `cache` (see empty_cache) it returns (logits, updated cache). `rate`
-    and a JAX `key` turn on dropout."""
+def hidden_states(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None, block=transformer_block):
+    """[..., n_new] -> the final layer-normed states [..., n_new, n_embd] of one sequence or of a batch,
+    and the updated cache (None without one). `block` is `transformer_block` or a function that wraps
+    it (training runs all the layers as one block of stacked weights, see train_jax.scanned_blocks)."""
     xp = xp_of(wte)
     embd_key, *block_keys = split_key(key, len(blocks) + 1)
     positions = xp.maximum(start - pad + xp.arange(inputs.shape[-1]), 0)  # [n_new], padding at 0
     x = dropout(wte[inputs] + wpe[positions], rate, embd_key)  # [..., n_new, n_embd]
     new_cache = []
-    for block, kv_cache, block_key in zip(blocks, cache or [None] * len(blocks), block_keys):
-        x, kv_cache = transformer_block(x, **block, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=block_key)
+    for weights, kv_cache, block_key in zip(blocks, cache or [None] * len(blocks), block_keys):
+        x, kv_cache = block(x, **weights, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=block_key)
         new_cache.append(kv_cache)
-    x = layer_norm(x, **ln_f).reshape(-1, x.shape[-1])  # [batch * n_new, n_embd]
-    logits = (wte @ x.T).T.reshape(*inputs.shape, wte.shape[0])  # [n_vocab, n_embd] @ [n_embd, ...]: no copy of wte.T
+    return layer_norm(x, **ln_f), None if cache is None else new_cache
+
+
+def unembed(h, wte):  # [..., n_new, n_embd] -> [..., n_new, n_vocab]
+    rows = h.reshape(-1, h.shape[-1])  # [batch * n_new, n_embd]
+    return (wte @ rows.T).T.reshape(*h.shape[:-1], wte.shape[0])  # [n_vocab, n_embd] @ [n_embd, ...]: no copy of wte.T
+
+
+def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None):  # [..., n_new] -> [..., n_new, n_vocab]
+    """Logits for the tokens in slots start..start+n_new-1, at positions slot - pad (`pad` slots of
+    left padding let a batch share its slots), of one sequence or of a batch ([batch, n_new] inputs,
+    as training runs it). With `cache` (see empty_cache) it returns (logits, updated cache). `rate`
+    and a JAX `key` turn on dropout."""
+    h, new_cache = hidden_states(inputs, wte, wpe, blocks, ln_f, n_head, cache, start, pad, rate, key)  # [..., n_new, n_embd]
+    logits = unembed(h, wte)  # [..., n_new, n_vocab]
     return logits if cache is None else (logits, new_cache)
 
 

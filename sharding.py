@@ -13,6 +13,7 @@ knows nothing of devices.
 """
 
 import math
+import os
 import re
 
 from cli import UserError
@@ -100,8 +101,8 @@ def device_mesh(spec):
     return parse_mesh("dp=1", jax.devices()[:1])
 
 
-def check_fits(mesh, hparams, batch_size=None):
-    """The model's heads (and so its widths) split evenly over tp, the batch over dp * fsdp."""
+def check_fits(mesh, hparams):
+    """The model's heads (and so its widths) split evenly over tp."""
     tp, n_head = mesh.shape["tp"], hparams["n_head"]
     if n_head % tp:
         fits = [d for d in divisors(mesh.size) if n_head % d == 0]
@@ -109,9 +110,79 @@ def check_fits(mesh, hparams, batch_size=None):
             f"--mesh tp={tp} does not divide n_head={n_head} (tp splits the heads and the widths n_embd, "
             f"3*n_embd, 4*n_embd): use tp in {', '.join(map(str, fits))}"
         )
-    n_batch = mesh.shape["dp"] * mesh.shape["fsdp"]
-    if batch_size is not None and batch_size % n_batch:
-        raise UserError(f"--batch_size {batch_size} does not split over dp*fsdp={n_batch} devices: use a multiple of {n_batch}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices to compile for: this process's, or a TPU slice described by libtpu (no TPU needed)
+
+GiB = 2**30
+# generation: (device_kind, HBM per chip, torus dimensions, TensorCores per chip that GCP names count)
+TPU_CHIPS = {
+    "v4": ("TPU v4", 32 * GiB, 3, 2),
+    "v5p": ("TPU v5", 95 * GiB, 3, 2),
+    "v5e": ("TPU v5 lite", 16 * GiB, 2, 1),
+    "v6e": ("TPU v6 lite", 32 * GiB, 2, 1),
+}
+GCP_GENERATIONS = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v6e": "v6e"}  # GCP's accelerator type prefixes
+TOPOLOGY_EXAMPLES = "v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2, v5litepod-8, v4-32 or local"
+
+
+def torus(n_chips, n_dims):
+    """GCP's slice shape of n_chips: 2x2(x1), then the smallest dimension (the last of equals) doubled."""
+    if n_chips == 1:
+        return [1] * n_dims
+    dims = [2, 2, 1][:n_dims]
+    while math.prod(dims) < n_chips:
+        smallest = max(i for i, d in enumerate(dims) if d == min(dims))
+        dims[smallest] *= 2
+    return dims if math.prod(dims) == n_chips else None
+
+
+def tpu_topology(name):
+    """(generation, topology) of a TPU topology (v5e:2x2) or a GCP accelerator type (v5litepod-8,
+    v4-32: v4 and v5p count TensorCores, two per chip)."""
+    if match := re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", name):
+        generation, dims = match[1], match[2].split("x")
+        if len(dims) == TPU_CHIPS[generation][2]:
+            return generation, name
+    if match := re.fullmatch(r"(v4|v5p|v5litepod|v6e)-(\d+)", name):
+        generation = GCP_GENERATIONS[match[1]]
+        _, _, n_dims, cores = TPU_CHIPS[generation]
+        dims = torus(int(match[2]) // cores, n_dims) if int(match[2]) % cores == 0 else None
+        if dims:
+            return generation, f"{generation}:{'x'.join(map(str, dims))}"
+    raise UserError(f"unknown --topology {name!r}: give a TPU topology or GCP accelerator type, e.g. {TOPOLOGY_EXAMPLES}")
+
+
+def topology_devices(name):
+    """The devices to compile for: 'local' (this process's), or those of a TPU slice as libtpu
+    describes it; each TPU chip is one device, as JAX uses them (megacore on v4 and v5p)."""
+    import importlib.util
+
+    import jax
+
+    if name == "local":
+        return jax.devices()
+    generation, topology = tpu_topology(str(name))
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError(f"--topology {name} needs libtpu to compile for TPUs: pip install -e \".[tpu]\" (or pip install libtpu)")
+    from jax.experimental import topologies
+
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes here hold libtpu's lock file
+    megacore = {"chip_config_name": "megacore"} if TPU_CHIPS[generation][2] == 3 else {}
+    return topologies.get_topology_desc(topology, "tpu", **megacore).devices
+
+
+def memory_per_device(device, n_devices):
+    """The bytes one device holds: a TPU chip's HBM, a GPU's allocator limit, or for JAX's (faked)
+    CPU devices an equal share of the host's memory."""
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // n_devices
+    kinds = {kind: hbm for kind, hbm, _, _ in TPU_CHIPS.values()}
+    if device.platform == "tpu" and device.device_kind in kinds:
+        return kinds[device.device_kind]
+    return device.memory_stats()["bytes_limit"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@
     python train_jax.py [--data_dir DIR] [--max_iters 2000] ...      # train (no data: Tiny Shakespeare)
     python train_jax.py export --ckpt_dir OUT_DIR --out MODEL_DIR    # then: python gpt2.py "ROMEO:" --model_size MODEL_DIR
     python train_jax.py eval --ckpt_dir OUT_DIR --data_dir DIR --hellaswag   # evaluation.py: loss, HellaSwag
+    python train_jax.py compile --topology v5litepod-8 [train flags]  # will the run fit? (no TPU needed)
 
-The loss is the cross-entropy of the same `gpt2.gpt2` forward that generates text, run on the whole
+The loss is the cross-entropy of the same forward that generates text (`gpt2.hidden_states`, its
+blocks scanned under --remat, then `gpt2.unembed` a chunk of positions at a time), run on the whole
 [batch, n_seq] batch. A run is a pure function of its flags: the batch of step s is drawn from
 (seed, s) and the dropout key is carried in the train state, so `--resume` repeats the uninterrupted
 run step for step.
@@ -36,16 +38,21 @@ from data import (
 )
 from encoder import load_encoder
 from evaluation import evaluate, hellaswag_hook, hellaswag_line
-from gpt2 import generate, gpt2
+from gpt2 import generate, hidden_states, transformer_block, unembed
 from sharding import (
+    GiB,
     batch_sharding,
     check_fits,
     device_mesh,
+    divisors,
     gathered,
     initialize_distributed,
     match_rules,
+    memory_per_device,
+    parse_mesh,
     place,
     state_shardings,
+    topology_devices,
 )
 from utils import (
     VOCAB_FILES,
@@ -54,6 +61,7 @@ from utils import (
     flatten,
     import_tensorflow,
     load_encoder_hparams_and_params,
+    load_hparams,
     resolve_model_dir,
     save_gpt2_checkpoint,
     save_hf_checkpoint,
@@ -62,14 +70,20 @@ from utils import (
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
+# --remat: what each transformer block keeps for the backward pass (jax.checkpoint_policies), the
+# rest is recomputed: none keeps everything, dots the matmul outputs (no attention scores), block
+# only the block's input.
+REMAT_POLICIES = {"none": None, "dots": "dots_with_no_batch_dims_saveable", "block": "nothing_saveable"}
 INIT_STD = 0.02
 # Weight decay on the 2-D matrices (the conv weights and both embeddings, as in nanoGPT), none on
 # biases and LayerNorm gains. Rules are (regex over the '/'-joined param path, value), first match wins.
 DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
 CONFIG_FILE = "config.json"
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+# A mesh may change on --resume, and with it the per-rank batch flags; the batch they make is checked.
 RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
-                   "sample_every", "sample_prompt", "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id", "hellaswag_every")  # fmt: skip
+                   "sample_every", "sample_prompt", "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id",
+                   "hellaswag_every", "batch_size", "grad_accum", "total_batch_tokens", "remat", "loss_chunk")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,22 +118,109 @@ def flops_per_token(params, n_layer, n_embd, block_size):
     return 6 * (n_params(params) - params["wpe"].size) + 12 * n_layer * n_embd * block_size
 
 
-def cross_entropy(logits, targets):  # [..., n_vocab], [...] -> []
+def cross_entropy_sum(h, wte, targets, dtype):  # [batch, n, n_embd], [n_vocab, n_embd], [batch, n] -> []
+    """The summed next-token cross-entropy of the logits of the final states `h`: the matmul in the
+    compute dtype, the log-sum-exp in `dtype` (the master weights', float32)."""
+    import jax
     import optax
 
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    logits = jax.vmap(unembed, in_axes=(0, None))(h, wte).astype(dtype)  # [batch, n, n_vocab]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
 
 
-def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None):  # [batch, n_seq] x2 -> []
+def chunked_cross_entropy(h, wte, targets, chunk, dtype):  # [batch, n_seq, n_embd], [n_vocab, n_embd], [batch, n_seq] -> []
+    """The mean cross-entropy over `chunk` positions of the sequence at a time (the largest divisor
+    of n_seq up to it; 0: all at once), each chunk's logits recomputed in the backward pass: the step
+    holds one chunk's [batch, chunk, n_vocab] logits and their gradient, never the whole sequence's."""
+    import jax
+
+    batch, n_seq, n_embd = h.shape
+    chunk = max(d for d in divisors(n_seq) if d <= (chunk or n_seq))
+    if chunk == n_seq:
+        return cross_entropy_sum(h, wte, targets, dtype) / targets.size
+    n_chunks = n_seq // chunk
+    h = h.reshape(batch, n_chunks, chunk, n_embd).swapaxes(0, 1)  # [n_chunks, batch, chunk, n_embd]
+    targets_by_chunk = targets.reshape(batch, n_chunks, chunk).swapaxes(0, 1)  # [n_chunks, batch, chunk]
+    chunk_loss = jax.checkpoint(lambda h_y: cross_entropy_sum(h_y[0], wte, h_y[1], dtype))
+    return jax.lax.map(chunk_loss, (h, targets_by_chunk)).sum() / targets.size  # [n_chunks] -> []
+
+
+def resolve_remat(remat, platform):
+    """--remat auto is none on CPUs (the host has the memory, and recomputing costs time) and block
+    on accelerators (the most that fits)."""
+    return ("none" if platform == "cpu" else "block") if remat == "auto" else remat
+
+
+def training_layer(remat, shardings=None):
+    """`transformer_block` of one layer for training: its weights gathered to `shardings` (under
+    fsdp only the layer being computed is whole) and, given a policy, rematerialized: its activations
+    are recomputed in the backward pass but for what --remat's policy saves."""
+    import jax
+
+    def layer(x, weights, key, n_head, rate):  # [n_seq, n_embd] -> [n_seq, n_embd]
+        if shardings is not None:
+            weights = jax.lax.with_sharding_constraint(weights, shardings)
+        return transformer_block(x, **weights, n_head=n_head, rate=rate, key=key)[0]
+
+    if REMAT_POLICIES[remat] is None:
+        return layer
+    return jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), static_argnums=(3, 4))
+
+
+def each_block(layer):
+    """hidden_states' `block`, one call per block (the program holds every layer: XLA fuses across
+    them, and frees what the backward pass no longer needs as it goes)."""
+
+    def block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):  # training has no cache
+        return layer(x, dict(mlp=mlp, attn=attn, ln_1=ln_1, ln_2=ln_2), key, n_head, rate), kv_cache
+
+    return block
+
+
+def scanned_blocks(layer):
+    """hidden_states' `block` for all the layers at once, given as one block of stacked weights
+    ([n_layer, ...] each): `lax.scan` runs `layer` over them, so the program (and its compile time)
+    holds one layer whatever the depth."""
+    import jax
+
+    def layers(x, mlp, attn, ln_1, ln_2, n_head, kv_cache, start, pad, rate, key):
+        stacked = dict(mlp=mlp, attn=attn, ln_1=ln_1, ln_2=ln_2)
+        keys = None if key is None else jax.random.split(key, ln_1["g"].shape[0])  # [n_layer] dropout keys
+        step = lambda x, weights_key: (layer(x, *weights_key, n_head, rate), None)
+        return jax.lax.scan(step, x, (stacked, keys))[0], kv_cache
+
+    return layers
+
+
+def stack_blocks(blocks):  # n_layer blocks -> one block of [n_layer, ...] weights
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)
+
+
+def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
-    weights' precision (float32). On a mesh, the weights are used with `compute_shardings`."""
+    weights' precision (float32). On a mesh, the weights are used with `compute_shardings`, each
+    block's when that block runs. `remat` is a key of REMAT_POLICIES: with a policy the blocks run as
+    one scan over their stacked weights; without, one by one (a scan would keep every layer's
+    activations stacked: 3x the memory of 124M's step, and half the speed of the CPU baby config).
+    `loss_chunk` is the positions whose logits are computed at once (0: all)."""
     import jax
 
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
+    block_shardings = None
     if compute_shardings is not None:
-        compute = jax.lax.with_sharding_constraint(compute, compute_shardings)
-    logits = gpt2(inputs, **compute, n_head=n_head, rate=rate, key=key if rate else None)  # [batch, n_seq, n_vocab]
-    return cross_entropy(logits.astype(params["wte"].dtype), targets)
+        outside = {name: compute_shardings[name] for name in ("wte", "wpe", "ln_f")}
+        compute = {**compute, **jax.lax.with_sharding_constraint({name: compute[name] for name in outside}, outside)}
+        block_shardings = compute_shardings["blocks"][0]  # every block has the same layout
+    layer = training_layer(remat, block_shardings)
+    if REMAT_POLICIES[remat] is None:
+        block = each_block(layer)
+    else:
+        compute["blocks"], block = [stack_blocks(compute["blocks"])], scanned_blocks(layer)
+    h, _ = hidden_states(inputs, **compute, n_head=n_head, rate=rate, key=key if rate else None, block=block)  # [batch, n_seq, n_embd]
+    return chunked_cross_entropy(h, compute["wte"], targets, loss_chunk, params["wte"].dtype)
 
 
 def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip):
@@ -155,9 +256,10 @@ def init_sharded_state(params, optimizer, seed, mesh):
     return jax.jit(init, out_shardings=shardings, donate_argnums=0)(placed), shardings
 
 
-def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None):  # inputs, targets [grad_accum, batch, n_seq]
+def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # inputs, targets [grad_accum, batch, n_seq]
     """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, metrics):
-    the loss and the gradient's global norm. When the loss or a gradient is not finite, the params and optimizer state are left unchanged and
+    the loss and the gradient's global norm. When the loss or a gradient is not finite, the params
+    and optimizer state are left unchanged and
     the loss returned is not finite (NaN if only a gradient was)."""
     import jax
     import optax
@@ -167,7 +269,7 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_s
 
     def accumulate(grad_sum, micro_batch):
         x, y, micro_key = micro_batch
-        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype, compute_shardings)
+        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype, compute_shardings, remat, loss_chunk)
         return jax.tree.map(jax.numpy.add, grad_sum, grads), loss
 
     n_micro = inputs.shape[0]
@@ -182,6 +284,13 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_s
     opt_state = jax.tree.map(keep_finite, opt_state, state["opt_state"])
     metrics = {"loss": jax.numpy.where(finite, loss, jax.numpy.nan), "grad_norm": grad_norm}
     return {"params": params, "opt_state": opt_state, "key": key}, metrics
+
+
+def step_args(flags, hparams, optimizer, mesh):
+    """The keyword arguments of `train_step` that a run's flags give on `mesh`."""
+    remat = resolve_remat(flags["remat"], mesh.devices.flat[0].platform)
+    rate = float(flags["dropout"])
+    return dict(optimizer=optimizer, n_head=hparams["n_head"], rate=rate, dtype=flags["dtype"], remat=remat, loss_chunk=flags["loss_chunk"])
 
 
 def jit_train_step(shardings, batch, **step_args):
@@ -262,12 +371,13 @@ def read_config(out_dir, flag="out_dir"):
     return read_json(path, "restore it, or start a new run in another --out_dir")
 
 
-def write_config(out_dir, flags, hparams, vocab_dir):
-    """The run's flags and model shape, and the vocabulary files, beside its checkpoints."""
+def write_config(out_dir, flags, hparams, vocab_dir, batch):
+    """The run's flags, model shape and batch (see batch_plan), and the vocabulary files, beside its
+    checkpoints."""
     os.makedirs(out_dir, exist_ok=True)
     copy_vocab(vocab_dir, out_dir)
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump({"flags": flags, "hparams": hparams}, f, indent=2)
+        json.dump({"flags": flags, "hparams": hparams, "batch": batch}, f, indent=2)
 
 
 def check_resume(out_dir, flags):
@@ -279,15 +389,49 @@ def check_resume(out_dir, flags):
         raise UserError(f"--resume: --{k} is {flags[k]!r} but the run in {out_dir} used {saved.get(k)!r}; repeat its flags")
 
 
+def check_resume_batch(out_dir, batch):
+    """The resumed run's step must see the saved run's batch, whatever the mesh (configs written
+    before per-rank batches counted --batch_size globally)."""
+    config = read_config(out_dir)
+    saved = config.get("batch") or {"global_batch": config["flags"]["batch_size"], "grad_accum": config["flags"]["grad_accum"]}
+    if saved != batch:
+        raise UserError(
+            f"--resume: this mesh and these flags make a global batch of {batch['global_batch']} x {batch['grad_accum']} "
+            f"accumulation but the run in {out_dir} used {saved['global_batch']} x {saved['grad_accum']}: give --batch_size "
+            f"(per dp*fsdp rank) and --grad_accum or --total_batch_tokens that make the same"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
 
+def batch_plan(flags, mesh):
+    """{'global_batch', 'grad_accum'}: --batch_size sequences on each of the dp * fsdp data-parallel
+    ranks (a tp group shares one), accumulated --grad_accum times, or as often as makes
+    --total_batch_tokens per step."""
+    n_ranks = mesh.shape["dp"] * mesh.shape["fsdp"]
+    global_batch, total = flags["batch_size"] * n_ranks, flags["total_batch_tokens"]
+    if not total:
+        return {"global_batch": global_batch, "grad_accum": flags["grad_accum"] or 1}
+    if flags["grad_accum"]:
+        raise UserError(f"--grad_accum {flags['grad_accum']} and --total_batch_tokens {total} both set the accumulation: give one")
+    micro_tokens = global_batch * flags["block_size"]
+    if total % micro_tokens:
+        raise UserError(
+            f"--total_batch_tokens {total} is not a multiple of the {micro_tokens} tokens of a micro-batch (--batch_size "
+            f"{flags['batch_size']} x dp*fsdp {n_ranks} x --block_size {flags['block_size']}): use "
+            f"{max(1, round(total / micro_tokens)) * micro_tokens}"
+        )
+    return {"global_batch": global_batch, "grad_accum": total // micro_tokens}
+
+
 def check_flags(flags):
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep"):  # fmt: skip
         check_positive_int(flags[name], name)
-    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "sample_every", "hellaswag_every"):
+    for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "grad_accum", "total_batch_tokens", "loss_chunk", "sample_every",
+                 "hellaswag_every"):  # fmt: skip
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
     check_seed(flags["seed"])
@@ -300,6 +444,8 @@ def check_flags(flags):
         raise UserError(f"--n_embd {flags['n_embd']} must be a multiple of --n_head {flags['n_head']}")
     if flags["dtype"] not in DTYPES:
         raise UserError(f"unknown --dtype {flags['dtype']!r}: use {' or '.join(DTYPES)}")
+    if flags["remat"] not in ("auto", *REMAT_POLICIES):
+        raise UserError(f"unknown --remat {flags['remat']!r}: use auto, {', '.join(REMAT_POLICIES)}")
     return {**flags, **folders, "lr_decay_iters": flags["lr_decay_iters"] or flags["max_iters"]}
 
 
@@ -508,7 +654,10 @@ def fit(flags, clock=time.perf_counter):
     ensure_data(data_dir, flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(data_dir))
     mesh = device_mesh(flags["mesh"])
-    check_fits(mesh, hparams, flags["batch_size"])
+    check_fits(mesh, hparams)
+    plan = batch_plan(flags, mesh)
+    if flags["resume"]:
+        check_resume_batch(out_dir, plan)
     train_ids = load_split(data_dir, "train", block_size, hparams["n_vocab"])
     val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
     encoder = load_encoder(vocab_dir) if flags["sample_every"] or flags["hellaswag_every"] else None
@@ -527,27 +676,32 @@ def fit(flags, clock=time.perf_counter):
     elif manager.latest_step() is not None:
         raise UserError(f"{out_dir} already holds checkpoints: add --resume to continue, or give another --out_dir")
     elif main_process:
-        write_config(out_dir, flags, hparams, vocab_dir)
+        write_config(out_dir, flags, hparams, vocab_dir, plan)
 
-    n_head, batch_shape, dtype = hparams["n_head"], (flags["grad_accum"], flags["batch_size"]), flags["dtype"]
-    step_args = dict(optimizer=optimizer, n_head=n_head, rate=float(flags["dropout"]), dtype=dtype)
+    batch_shape = (plan["grad_accum"], plan["global_batch"])
+    args = step_args(flags, hparams, optimizer, mesh)
     batch, eval_batch = batch_sharding(mesh, 3, axis=1), batch_sharding(mesh, 2, axis=0)
-    step_fn = jit_train_step(shardings, batch, **step_args)
-    eval_args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, compute_shardings=gathered(shardings["params"]))
-    eval_loss = jax.jit(functools.partial(loss_fn, **eval_args), in_shardings=(shardings["params"], eval_batch, eval_batch))
-    eval_shape = (flags["eval_iters"], flags["batch_size"])
+    step_fn = jit_train_step(shardings, batch, **args)
+    eval_args = dict(key=None, n_head=args["n_head"], rate=0.0, dtype=args["dtype"], loss_chunk=args["loss_chunk"])
+    eval_fn = functools.partial(loss_fn, **eval_args, compute_shardings=gathered(shardings["params"]))
+    eval_loss = jax.jit(eval_fn, in_shardings=(shardings["params"], eval_batch, eval_batch))
+    eval_shape = (flags["eval_iters"], plan["global_batch"])
     eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, eval_shape, ids, block_size)  # [eval_iters, batch]
     eval_batches = {
         split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
-    hellaswag_args = (flags["models_dir"], encoder, hparams, mesh, shardings["params"], dtype, flags["batch_size"])
+    hellaswag_args = (flags["models_dir"], encoder, hparams, mesh, shardings["params"], args["dtype"], plan["global_batch"])
     score_hellaswag = hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None
-    tokens_per_step = flags["grad_accum"] * flags["batch_size"] * block_size
+    tokens_per_step = plan["grad_accum"] * plan["global_batch"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
-    peak, peak_source = peak_flops(mesh.devices.flatten(), dtype, flags["peak_flops"])
+    peak, peak_source = peak_flops(mesh.devices.flatten(), args["dtype"], flags["peak_flops"])
     peak_text = f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"MFU not shown: {peak_source}"
-    say(f"{n_params(params) / 1e6:.2f}M params, {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, {peak_text}")
+    say(
+        f"{n_params(params) / 1e6:.2f}M params, global batch {plan['global_batch']} ({flags['batch_size']} per dp*fsdp rank) "
+        f"x {plan['grad_accum']} accumulation = {tokens_per_step} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, "
+        f"remat {args['remat']}, {peak_text}"
+    )
     plain = not sys.stderr.isatty()  # under a scheduler or `> run.log`: one line per window, no bars
     with tqdm(desc="compiling the train step", total=1, leave=False, disable=plain or not main_process) as bar:
         offsets = batch_offsets(seed, TRAIN_STREAM, start, batch_shape, train_ids, block_size)
@@ -603,7 +757,8 @@ def fit(flags, clock=time.perf_counter):
         if sampling:
             host_params = model_params(gather(state["params"]), len(encoder.encoder))
             if main_process:
-                write(f"step {done} sample: {sample_text(host_params, encoder, prompt_ids, n_head, n_sample)!r}")
+                text = sample_text(host_params, encoder, prompt_ids, hparams["n_head"], n_sample)
+                write(f"step {done} sample: {text!r}")
         if score_hellaswag and done % flags["hellaswag_every"] == 0:
             acc, acc_norm, n_examples = score_hellaswag(state["params"])  # on every process: the forward is sharded
             if main_process:
@@ -641,7 +796,8 @@ def train(
     vocab_size=0,
     dropout=0.0,
     batch_size=12,
-    grad_accum=1,
+    grad_accum=0,
+    total_batch_tokens=0,
     max_iters=2000,
     learning_rate=1e-3,
     min_lr=1e-4,
@@ -659,6 +815,8 @@ def train(
     resume=False,
     seed=1337,
     dtype="float32",
+    remat="auto",
+    loss_chunk=128,
     peak_flops=0.0,
     sample_every=0,
     sample_prompt="ROMEO:",
@@ -686,8 +844,11 @@ def train(
       block_size: tokens per training sequence (scratch: also n_ctx).
       vocab_size: 0 for the data's vocabulary, or a larger one (scratch).
       dropout: dropout rate on embeddings, attention and residuals.
-      batch_size: sequences per micro-batch.
-      grad_accum: micro-batches per optimizer step.
+      batch_size: sequences per micro-batch on each data-parallel rank (each of the dp * fsdp shards of
+        the batch; a tp group shares one): the global batch is batch_size * dp * fsdp.
+      grad_accum: micro-batches per optimizer step (0: 1, or what --total_batch_tokens makes).
+      total_batch_tokens: tokens per optimizer step, e.g. 524288 (GPT-2's 0.5M): sets the accumulation
+        to total_batch_tokens / (batch_size * block_size * dp * fsdp) (0: use --grad_accum).
       max_iters: optimizer steps.
       learning_rate: the peak learning rate, reached after warmup_iters.
       min_lr: the learning rate at the end of the cosine decay.
@@ -706,6 +867,11 @@ def train(
       resume: continue the run in out_dir from its latest checkpoint (with the same flags).
       seed: the seed of init, data order and dropout.
       dtype: float32, or bfloat16 (compute; the master weights stay float32).
+      remat: what each block keeps for the backward pass, the rest recomputed: none (all), dots (the
+        matmul outputs), block (only its input: the least memory), auto (none on CPUs, block on
+        accelerators).
+      loss_chunk: positions of each sequence whose logits [batch, loss_chunk, vocab] are computed at
+        once, forward and backward (the largest divisor of block_size up to it; 0: all).
       peak_flops: the FLOP/s of one accelerator that MFU is relative to; 0: its datasheet peak for
         --dtype (A100, H100, H200, TPU v4, v5e, v5p, v6e; others show no MFU), or on a CPU a 2048x2048
         float32 matmul probe. On a CPU the figure is the whole host's, which its devices share.
@@ -775,6 +941,131 @@ def export(ckpt_dir="out/shakespeare_char", out=None, step=None, format="release
     log(f"exported step {step} of {ckpt_dir} to {out}: python gpt2.py \"...\" --model_size {out}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Will it fit? The train step compiled for a target's devices, from shapes alone
+
+RELEASED_HPARAMS = {  # OpenAI's hparams.json of each release, so that no weights are needed
+    size: {"n_vocab": 50257, "n_ctx": 1024, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
+    for size, n_layer, n_head, n_embd in (("124M", 12, 12, 768), ("355M", 24, 16, 1024), ("774M", 36, 20, 1280), ("1558M", 48, 25, 1600))
+}
+
+
+def model_shape(flags):
+    """The hparams a run of `flags` trains, without loading weights: the scratch flags (the data's
+    vocabulary when --vocab_size is 0), a released size, or a model folder's hparams.json."""
+    if flags["init_from"] == "scratch":
+        if not flags["vocab_size"] and not os.path.isfile(os.path.join(flags["data_dir"], "meta.json")):
+            raise UserError(f"--data_dir {flags['data_dir']} has no meta.json to read the vocabulary from: give --vocab_size, e.g. 50304")
+        n_vocab = flags["vocab_size"] or read_meta(flags["data_dir"])["vocab_size"]
+        return {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
+    if flags["init_from"] in RELEASED_HPARAMS:
+        return RELEASED_HPARAMS[flags["init_from"]]
+    if not os.path.isfile(os.path.join(flags["init_from"], "hparams.json")):
+        raise UserError(f"--init_from {flags['init_from']!r} is not a model folder (no hparams.json): give one, or {', '.join(RELEASED_HPARAMS)}")
+    return load_hparams(flags["init_from"])
+
+
+def abstract_params(hparams):
+    """The float32 params' shapes and dtypes (`jax.ShapeDtypeStruct`), nothing allocated."""
+    import jax
+
+    flat = {path: jax.ShapeDtypeStruct(tuple(shape), np.float32) for path, shape in expected_shapes(hparams).items()}
+    return unflatten(flat, hparams["n_layer"])
+
+
+def compiled_train_step(flags, hparams, mesh):
+    """The train step a run of `flags` runs on `mesh` (the same jit_train_step, shardings, dtype,
+    remat and accumulation), compiled from abstract shapes: no weights, no data."""
+    import jax
+
+    params = abstract_params(hparams)
+    optimizer, _ = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, flags["seed"]), params)
+    shardings = state_shardings(abstract, optimizer, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    plan, batch = batch_plan(flags, mesh), batch_sharding(mesh, 3, axis=1)
+    tokens = jax.ShapeDtypeStruct((plan["grad_accum"], plan["global_batch"], flags["block_size"]), np.int32, sharding=batch)
+    step = jit_train_step(shardings, batch, **step_args(flags, hparams, optimizer, mesh))
+    return step.lower(state, tokens, tokens).compile()
+
+
+def show_bytes(n):
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def step_memory(flags, hparams, mesh):
+    """(argument, temporary, total) bytes one device holds while the step of `flags` runs, from its
+    compiled program; when the TPU compiler refuses a program larger than HBM, (None, the
+    temporaries it names, the same)."""
+    import jax
+
+    try:
+        compiled = compiled_train_step(flags, hparams, mesh)
+    except jax.errors.JaxRuntimeError as e:
+        needed = re.search(r"RESOURCE_EXHAUSTED: .*memory required for HLO temporaries \(([\d.]+)([KMG])\)", str(e))
+        if not needed:
+            raise
+        temporaries = float(needed[1]) * 2 ** (10 * "KMG".index(needed[2]) + 10)
+        return None, temporaries, temporaries
+    memory = compiled.memory_analysis()
+    arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+    outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # the donated state is updated in place
+    return arguments, temporaries, arguments + temporaries + outputs + memory.generated_code_size_in_bytes
+
+
+def largest_batch(fits, batch_size):
+    """The largest batch below `batch_size` (which does not fit) for which `fits(batch)`, or 0:
+    halving until one fits, then bisecting."""
+    low, high = batch_size // 2, batch_size
+    while low and not fits(low):
+        low, high = low // 2, low
+    while low and high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def compile_step(topology="local", device_memory=0.0, **train_flags):
+    """Compile the train step that `train_jax.py [the same flags]` would run, for a TPU slice or this
+    machine's devices, and say whether it fits their memory (exit 2 when not), without weights or data.
+
+    Args:
+      topology: the devices: a TPU topology (v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2) or GCP accelerator
+        type (v5litepod-8, v4-8, v5p-8, v6e-8, v4-32; needs libtpu: pip install -e ".[tpu]"), or local
+        (this machine's devices).
+      device_memory: bytes each device holds (0: the device's own: TPU HBM, the GPU's limit, or for
+        CPU devices an equal share of the host's memory).
+    """
+    flags = check_flags(default_flags(**train_flags))
+    check_number(device_memory, "device_memory", 0, math.inf)
+    hparams = model_shape(flags)
+    devices = topology_devices(topology)
+    mesh = parse_mesh(flags["mesh"], devices) if flags["mesh"] else parse_mesh("dp=1", devices[:1])
+    check_fits(mesh, hparams)
+    capacity = device_memory or memory_per_device(mesh.devices.flat[0], len(devices))
+    plan = batch_plan(flags, mesh)
+    arguments, temporaries, total = step_memory(flags, hparams, mesh)
+    tokens_per_step = plan["grad_accum"] * plan["global_batch"] * flags["block_size"]
+    params = abstract_params(hparams)  # XLA's cost_analysis counts a scanned layer once: count the model's FLOPs
+    flops = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], flags["block_size"]) * tokens_per_step / mesh.size
+    kinds = sorted({d.device_kind for d in mesh.devices.flat})
+    print(
+        f"{', '.join(kinds)} x {mesh.size} {dict(mesh.shape)}, --batch_size {flags['batch_size']} per rank x "
+        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}: "
+        + (f"arguments {show_bytes(arguments)} + temporaries {show_bytes(temporaries)} = " if arguments is not None else "temporaries ")
+        + f"{show_bytes(total)} of {show_bytes(capacity)} per "
+        f"device, {flops / 1e12:.3f} TFLOP per step per device (6N + attention): {'fits' if total <= capacity else 'does not fit'}",
+        flush=True,
+    )
+    if total <= capacity:
+        return
+    micro = {**flags, "total_batch_tokens": 0, "grad_accum": plan["grad_accum"]}  # the memory of one micro-batch
+    fits = lambda batch_size: step_memory({**micro, "batch_size": batch_size}, hparams, mesh)[2] <= capacity
+    best = largest_batch(fits, flags["batch_size"])
+    advice = f"the largest --batch_size that fits is {best} (per dp*fsdp rank)" if best else "not even --batch_size 1 fits: shard the model (--mesh fsdp=N) or use --remat block"
+    raise UserError(f"the train step needs {show_bytes(total)} per device but a {kinds[0]} holds {show_bytes(capacity)}: {advice}")
+
+
 def default_flags(**overrides):
     """`train`'s flags with their defaults, updated by `overrides`."""
     import inspect
@@ -782,11 +1073,22 @@ def default_flags(**overrides):
     return {**{name: p.default for name, p in inspect.signature(train).parameters.items()}, **overrides}
 
 
-COMMANDS = {"train": train, "prepare": prepare, "export": export, "eval": evaluate}
+def with_train_flags(command):
+    """`command(own flags, **train_flags)` with train's flags in its signature and --help too."""
+    import inspect
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    flags = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(train).parameters.values()]  # fire passes them by name
+    command.__signature__ = inspect.Signature([*own, *flags])
+    command.__doc__ += train.__doc__[train.__doc__.index("Args:") + len("Args:\n"):]
+    return command
+
+
+COMMANDS = {"train": train, "prepare": prepare, "export": export, "eval": evaluate, "compile": with_train_flags(compile_step)}
 
 
 def cli(argv=None):
-    """`train_jax [train|prepare|export|eval] --flags`; without a command, train."""
+    """`train_jax [train|prepare|export|eval|compile] --flags`; without a command, train."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = COMMANDS[argv.pop(0)] if argv and argv[0] in COMMANDS else train
     run_cli(command, argv)

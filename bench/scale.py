@@ -1,6 +1,12 @@
 """What each mesh costs for one 124M train step, read from the compiled step: no cluster needed.
 
     python bench/scale.py [--block_size 1024] [--batch_size 8] [--n_vocab 50304] [--meshes "dp=8 fsdp=8"]
+    python bench/scale.py tpu [--rows 0,1,2]    # needs libtpu: what fits a TPU chip, before and after
+
+The `tpu` table compiles GPT-2's reproduction configs (T=1024, bfloat16, AdamW) for TPU slices with
+`train_jax.compiled_train_step` (what `train_jax.py compile --topology` runs) and shows per chip the
+arguments and temporaries against the chip's HBM, for the plain step (--remat none --loss_chunk 0:
+every activation and the whole [batch, T, vocab] logits kept) and for the defaults.
 
 On a machine without accelerators JAX fakes 8 CPU devices. For each mesh the step is compiled (not
 run) with train_jax's shardings, and the table shows, per device:
@@ -24,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_jax  # noqa: E402
-from sharding import batch_sharding, device_mesh, state_shardings  # noqa: E402
+from sharding import GiB, device_mesh, memory_per_device, parse_mesh, topology_devices  # noqa: E402
 
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 PADDED_VOCAB = 50304  # nanoGPT's: a multiple of 64, so tp splits wte (50257 divides by no tp; wte is then replicated over tp)
@@ -70,21 +76,19 @@ def sent_bytes(hlo_text, n_devices):
     return sent
 
 
-def compiled_step(hparams, spec, batch_size, block_size):
-    """The train step compiled for the mesh of `spec`, from shapes alone (nothing is allocated)."""
-    import jax
-    import numpy as np
+def model_flags(hparams, **overrides):
+    """train_jax's flags for a scratch model of `hparams` with nanoGPT's GPT-2 optimizer."""
+    shape = {k: hparams[k] for k in ("n_layer", "n_head", "n_embd")}
+    return train_jax.default_flags(**shape, vocab_size=hparams["n_vocab"], block_size=hparams["n_ctx"], **OPTIMIZER, **overrides)
 
+
+def compiled_step(hparams, spec, batch_size, block_size):
+    """The float32 train step (batch_size sequences in all) compiled for the mesh of `spec`, from
+    shapes alone (nothing is allocated); no remat, the logits at once."""
     mesh = device_mesh(spec)
-    params = jax.eval_shape(lambda: train_jax.init_params(hparams, 0))
-    optimizer, _ = train_jax.make_optimizer(params, **OPTIMIZER)
-    abstract = jax.eval_shape(lambda p: train_jax.init_state(p, optimizer, 0), params)
-    shardings = state_shardings(abstract, optimizer, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch = batch_sharding(mesh, 3, axis=1)
-    tokens = jax.ShapeDtypeStruct((1, batch_size, block_size), np.int32, sharding=batch)  # [grad_accum, batch, n_seq]
-    step = train_jax.jit_train_step(shardings, batch, optimizer=optimizer, n_head=hparams["n_head"], rate=0.0, dtype="float32")
-    return step.lower(state, tokens, tokens).compile(), mesh.size
+    per_rank = batch_size // (mesh.shape["dp"] * mesh.shape["fsdp"])
+    flags = model_flags({**hparams, "n_ctx": block_size}, mesh=spec, batch_size=per_rank, remat="none", loss_chunk=0)
+    return train_jax.compiled_train_step(flags, train_jax.model_shape(flags), mesh), mesh.size
 
 
 def main(block_size=1024, batch_size=8, n_vocab=PADDED_VOCAB, meshes=MESHES):
@@ -108,7 +112,47 @@ def main(block_size=1024, batch_size=8, n_vocab=PADDED_VOCAB, meshes=MESHES):
         )
 
 
+PLAIN = {"remat": "none", "loss_chunk": 0}  # the step before --remat and the chunked loss
+GPT2_1558M = {**train_jax.RELEASED_HPARAMS["1558M"], "n_vocab": PADDED_VOCAB}
+TPU_ROWS = (  # (name, hparams, topology, mesh, per-chip batch, flags)
+    ("124M", GPT2_124M, "v5e:2x2", "dp=4", 24, PLAIN),
+    ("124M", GPT2_124M, "v5e:2x2", "dp=4", 32, PLAIN),
+    ("124M", GPT2_124M, "v5e:2x2", "dp=4", 64, {}),
+    ("1558M", GPT2_1558M, "v5e:2x4", "fsdp=8", 2, PLAIN),
+    ("1558M", GPT2_1558M, "v5e:2x4", "fsdp=8", 4, PLAIN),
+    ("1558M", GPT2_1558M, "v5e:2x4", "fsdp=8", 8, {}),
+)
+
+
+def tpu(rows=None):
+    """Compile TPU_ROWS (or the listed row numbers) for their TPU slices and print what fits a chip."""
+    import time
+
+    rows = range(len(TPU_ROWS)) if rows is None else [rows] if isinstance(rows, int) else rows
+    print("T=1024, bfloat16, AdamW, vocab 50304; per chip:")
+    print(f"{'model':<7}{'topology':<10}{'mesh':<8}{'batch':>6}  {'remat':<6}{'loss_chunk':>11}{'args GiB':>10}{'temp GiB':>10}{'HBM GiB':>9}  {'fits':<5}{'compile s':>10}")
+    for row in rows:
+        name, hparams, topology, spec, batch_size, overrides = TPU_ROWS[row]
+        flags = train_jax.check_flags(model_flags({**hparams, "n_ctx": 1024}, mesh=spec, batch_size=batch_size, dtype="bfloat16", **overrides))
+        devices = topology_devices(topology)
+        mesh = parse_mesh(spec, devices)
+        start = time.perf_counter()
+        arguments, temporaries, total = train_jax.step_memory(flags, hparams, mesh)
+        seconds = time.perf_counter() - start
+        hbm = memory_per_device(devices[0], len(devices))
+        remat = train_jax.resolve_remat(flags["remat"], "tpu")
+        print(
+            f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}"
+            f"{'-' if arguments is None else f'{arguments / GiB:.2f}':>10}"
+            f"{temporaries / GiB:>10.2f}{hbm / GiB:>9.0f}  {'yes' if total <= hbm else 'no':<5}{seconds:>10.0f}",
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(main)
+    if sys.argv[1:2] == ["tpu"]:
+        fire.Fire(tpu, command=sys.argv[2:])
+    else:
+        fire.Fire(main)

@@ -72,6 +72,73 @@ def sharded_step(params, optimizer, spec, inputs, targets):
     return train_jax.jit_train_step(shardings, batch, **step_args)(state, *placed)
 
 
+def plain_loss(params, inputs, targets):  # [batch, n_seq] x2 -> []
+    """The loss as it was before remat, scanned layers and chunks: gpt2.gpt2's logits, all at once."""
+    import jax
+    import optax
+
+    import gpt2
+
+    logits = jax.vmap(lambda x: gpt2.gpt2(x, **params, n_head=HPARAMS["n_head"]))(inputs)  # [batch, n_seq, n_vocab]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_grads(specs, variants):
+    """loss_fn's loss and gradients for each variant (its remat and loss_chunk) on one device and
+    under each mesh, against `plain_loss`'s on one device: the loss's relative difference, and the
+    largest gradient difference relative to that gradient's largest entry."""
+    import jax
+
+    from sharding import batch_sharding, device_mesh, gathered, param_shardings
+
+    params = train_jax.init_params(HPARAMS, seed=0)
+    inputs, targets = np.random.default_rng(0).integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE[1:]), dtype=np.int32)
+    args = dict(key=None, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
+    grad_fn = lambda **kwargs: jax.jit(jax.value_and_grad(functools.partial(train_jax.loss_fn, **args, **kwargs)))
+    single = jax.devices()[0]
+    loss, grads = jax.jit(jax.value_and_grad(plain_loss))(*jax.device_put((params, inputs, targets), single))
+    expected = {path: np.asarray(g) for path, g in flatten(grads).items()}
+    results = {}
+    for spec in ["", *specs]:
+        mesh = device_mesh(spec)
+        shardings = param_shardings(params, mesh)
+        batch = batch_sharding(mesh, 2, axis=0)
+        placed = (jax.device_put(params, shardings), jax.device_put(inputs, batch), jax.device_put(targets, batch))
+        compute = gathered(shardings) if spec else None
+        for variant in variants:
+            new_loss, new_grads = grad_fn(**variant, compute_shardings=compute)(*placed)
+            flat = flatten(new_grads)
+            difference = lambda path: float(np.abs(np.asarray(flat[path]) - expected[path]).max() / np.abs(expected[path]).max())
+            results[f"{spec or 'one device'} {variant}"] = {
+                "loss": abs(float(new_loss) / float(loss) - 1),
+                "grads": max(difference(path) for path in expected if np.abs(expected[path]).max() > 0),
+            }
+    return results
+
+
+def batch_plans(specs, flags):
+    """train_jax.batch_plan of the flags under each mesh, or its error message."""
+    from sharding import device_mesh
+
+    results = {}
+    for spec in specs:
+        try:
+            results[spec] = train_jax.batch_plan(train_jax.default_flags(**flags), device_mesh(spec))
+        except UserError as e:
+            results[spec] = str(e)
+    return results
+
+
+def step_bytes(flags, batch_sizes):
+    """The bytes per device the compiled train step of the flags needs, by --batch_size."""
+    from sharding import device_mesh
+
+    flags = train_jax.default_flags(**flags)
+    mesh, hparams = device_mesh(flags["mesh"]), train_jax.model_shape(flags)
+    compile_total = lambda b: train_jax.step_memory({**flags, "batch_size": b}, hparams, mesh)[2]
+    return {str(b): compile_total(b) for b in batch_sizes}
+
+
 def fsdp_bytes(spec):
     """The bytes of the params and the optimizer state on each device, and their total."""
     import jax

@@ -157,14 +157,16 @@ TRAIN_CASES = [
     ("init_from", ["--init_from={not_a_model}"], "is not a complete checkpoint"),
     ("models_dir", ["--init_from=124M", "--models_dir={a_file}"], "is a file, not a folder"),
     *[(name, [f"--{name}={value}"], "must be a positive integer")
-      for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters", "eval_interval",
+      for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
                    "eval_iters", "log_interval", "ckpt_interval", "keep")
       for value in ("0", "-2", "2.5", "many")],
     ("n_head", ["--n_embd=10", "--n_head=4"], "--n_embd 10 must be a multiple of --n_head 4"),
     ("block_size", ["--block_size=100000"], "too short for one block of --block_size 100000"),
     ("vocab_size", ["--vocab_size=10"], "is smaller than the data's vocabulary"),
     *[(name, [f"--{name}={value}"], "must be an integer >= 0")
-      for name in ("vocab_size", "warmup_iters", "lr_decay_iters") for value in ("-1", "x", "1.5")],
+      for name in ("vocab_size", "warmup_iters", "lr_decay_iters", "grad_accum", "total_batch_tokens", "loss_chunk")
+      for value in ("-1", "x", "1.5")],
+    ("remat", ["--remat=all"], "unknown --remat 'all': use auto, none, dots, block"),
     *[("seed", [f"--seed={value}"], f"must be an integer in [0, 2**32), got {shown}")
       for value, shown in (("-1", "-1"), ("x", "'x'"), ("1.5", "1.5"))],
     ("seed", ["--seed=1099511627776"], "must be an integer in [0, 2**32), got 1099511627776"),

@@ -5,8 +5,10 @@ A process's device count is fixed when JAX starts, so every check runs in a subp
 process keeps its one device. Each sharded result is compared with the same computation unsharded.
 """
 
+import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from conftest import PROMPT, ROOT, float32_tolerance, forward_length, prepared_t
 TESTS = os.path.join(ROOT, "tests")
 MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
 CORPUS = "".join(f"ROMEO: line {i} of the play, {i * 7 % 13} times.\nJULIET: and {i % 5}!\n\n" for i in range(200))
-TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=8, data_url="", peak_flops=1e9)
+TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, batch_size=1, data_url="", peak_flops=1e9)  # 8 sequences on dp=8
 TP8_ERROR = "--mesh tp=8 does not divide n_head=4 (tp splits the heads and the widths n_embd, 3*n_embd, 4*n_embd): use tp in 1, 2, 4"
 SCHEDULE = dict(warmup_iters=0, lr_decay_iters=10, learning_rate=1e-2, eval_iters=2, log_interval=1)
 # A mesh splits the sums of a step's loss (the forward, then the mean over 8 x 16 tokens, twice
@@ -90,7 +92,8 @@ def test_mesh_specs_parse_and_bad_ones_name_what_fits():
     "mesh, flags, message",
     [
         ("tp=8", {}, TP8_ERROR),
-        ("dp=8", {"batch_size": 4}, "--batch_size 4 does not split over dp*fsdp=8 devices: use a multiple of 8"),
+        ("dp=8", {"total_batch_tokens": 1000}, "--total_batch_tokens 1000 is not a multiple of the 128 tokens of a micro-batch"),
+        ("dp=8", {"total_batch_tokens": 1024, "grad_accum": 2}, "--grad_accum 2 and --total_batch_tokens 1024 both set the accumulation"),
         ("dp=6", {}, "--mesh dp=6 uses 6 devices but there are 8"),
     ],
 )
@@ -122,6 +125,75 @@ def test_one_train_step_under_each_mesh_equals_the_unsharded_step():
     assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/0/mlp/c_fc/w"] == "P('fsdp', 'tp')"
 
 
+def test_batch_size_counts_per_data_parallel_rank_so_each_mesh_trains_the_same_batch(data_dir, tmp_path):
+    """One device with 8 sequences, dp=8 and fsdp=8 with 1 each, dp=2,fsdp=2,tp=2 with 2 each: the same
+    global batch, so the same losses step for step (float32 reduction order apart)."""
+    runs = [("", 8), ("dp=8", 1), ("fsdp=8", 1), ("dp=2,fsdp=2,tp=2", 2)]
+    flags = lambda mesh, batch_size: run_flags(data_dir, tmp_path / f"{mesh}", mesh=mesh, batch_size=batch_size, max_iters=3, eval_interval=3)
+    expected, *others = on_devices("fit_losses", runs=[flags(*run) for run in runs])
+    assert list(expected) == ["1", "2", "3"]
+    for (mesh, _), losses in zip(runs[1:], others):
+        assert losses == pytest.approx(expected, rel=1e-5), mesh  # ~100 eps: sums over 128 tokens, through 2 AdamW steps
+
+
+def test_total_batch_tokens_sets_the_accumulation_over_the_data_parallel_ranks():
+    flags = dict(batch_size=2, block_size=16, total_batch_tokens=1024)
+    plans = on_devices("batch_plans", specs=["", "dp=8", "dp=2,fsdp=2,tp=2", "tp=8"], flags=flags)
+    assert plans[""] == {"global_batch": 2, "grad_accum": 32}  # 1024 / (2 * 16)
+    assert plans["dp=8"] == {"global_batch": 16, "grad_accum": 4}  # 1024 / (2 * 16 * 8)
+    assert plans["dp=2,fsdp=2,tp=2"] == {"global_batch": 8, "grad_accum": 8}  # a tp group shares its batch
+    assert plans["tp=8"] == {"global_batch": 2, "grad_accum": 32}
+
+
+def test_mesh_dp8_with_the_default_flags_trains_on_8_devices(data_dir, tmp_path):
+    args = ["--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--data_url=", "--max_iters=1", "--eval_iters=1", "--peak_flops=1e9"]
+    done = run_script("train_jax.py", "--mesh", "dp=8", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = next(line for line in done.stderr.splitlines() if "tokens/step" in line)
+    assert "global batch 96 (12 per dp*fsdp rank) x 1 accumulation = 6144 tokens/step, 8 device(s)" in start  # 12 x 8 x 64
+    assert "matmul peak 1 GFLOP/s" in start  # faked CPU devices share the host's peak, not 8 times it
+
+
+def test_remat_and_chunked_loss_give_the_plain_loss_and_gradients_sharded_and_not():
+    variants = [dict(remat=remat, loss_chunk=chunk) for remat in ("none", "dots", "block") for chunk in (0, 4)]
+    results = on_devices("loss_grads", specs=["dp=2,fsdp=2,tp=2", "fsdp=8"], variants=variants)
+    assert len(results) == 3 * len(variants)
+    for name, difference in results.items():
+        # float32: a loss and gradients summed in another order over 128 tokens and 64 logits differ by a few
+        # eps (1.2e-7) times the sqrt of the reduction length (~90) relative to their scale
+        assert difference["loss"] < 1e-6 and difference["grads"] < 1e-5, name
+
+
+def compile_args(data_dir, mesh, batch_size, *more):
+    flags = run_flags(data_dir, "out", mesh=mesh, batch_size=batch_size, n_layer=1)
+    return ["train_jax.py", "compile", *[f"--{k}={v}" for k, v in flags.items() if v != ""], *more]
+
+
+def test_compile_local_says_whether_the_step_fits_and_the_largest_batch_that_does(data_dir):
+    needed = on_devices("step_bytes", flags=run_flags(data_dir, "out", mesh="dp=8", n_layer=1), batch_sizes=list(range(1, 9)))
+    done = run_script(*compile_args(data_dir, "dp=8", 8))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"cpu x 8 .*--batch_size 8 per rank.* of .* per device, [\d.]+ TFLOP per step per device \(6N \+ attention\): fits$", done.stdout.strip())
+    limit = needed["2"]  # what two sequences per rank need: 8 do not fit, 2 do
+    done = run_script(*compile_args(data_dir, "dp=8", 8, f"--device_memory={limit}"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("does not fit")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    largest = max(int(b) for b, n in needed.items() if n <= limit)
+    assert len(errors) == 1 and f"the largest --batch_size that fits is {largest} (per dp*fsdp rank)" in errors[0]
+    assert re.search(r"needs [\d.]+ MiB per device but a cpu holds [\d.]+ MiB", errors[0])
+
+
+def test_compile_for_a_tpu_topology(data_dir):
+    """With libtpu: the step compiled for a v5e-4 slice against its 16 GiB chips; without: the error says how to get it."""
+    done = run_script(*compile_args(data_dir, "dp=4", 2, "--topology=v5e:2x2"))
+    if importlib.util.find_spec("libtpu") is None:
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --topology v5e:2x2 needs libtpu")
+        pytest.skip("libtpu is not installed (pip install -e \".[tpu]\"): checked the error only")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^TPU v5 lite x 4 \{'dp': 4, .* of 16.00 GiB per device, .*: fits$", done.stdout.strip())
+
+
 def test_fsdp8_holds_an_eighth_of_the_params_and_optimizer_state_on_each_device():
     held = on_devices("fsdp_bytes", spec="fsdp=8")
     for name in ("params", "opt_state"):
@@ -137,7 +209,7 @@ def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_l
         runs=[
             run_flags(data_dir, tmp_path / "whole", mesh="dp=8", max_iters=3, ckpt_interval=3, eval_interval=3),
             run_flags(data_dir, tmp_path / "cut", mesh="dp=8", max_iters=2, ckpt_interval=2, eval_interval=2),
-            run_flags(data_dir, tmp_path / "cut", mesh="fsdp=4,tp=2", resume=True, max_iters=3, ckpt_interval=3, eval_interval=3),
+            run_flags(data_dir, tmp_path / "cut", mesh="fsdp=4,tp=2", batch_size=2, resume=True, max_iters=3, ckpt_interval=3, eval_interval=3),
         ],
     )
     assert list(resumed) == ["3"]
@@ -147,7 +219,7 @@ def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_l
 
 
 def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir, tmp_path):
-    flags = dict(mesh="dp=2,fsdp=2,tp=2", max_iters=5, ckpt_interval=5, eval_interval=5)
+    flags = dict(mesh="dp=2,fsdp=2,tp=2", batch_size=2, max_iters=5, ckpt_interval=5, eval_interval=5)
     one = start("fit_losses", runs=[run_flags(data_dir, tmp_path / "one", **flags)])
     address = f"127.0.0.1:{free_port()}"
     job = dict(coordinator_address=address, num_processes=2)

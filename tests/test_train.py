@@ -333,6 +333,8 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run_step_for_step(data_dir
         train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags))
     with pytest.raises(UserError, match="--learning_rate is 0.5"):
         train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True, learning_rate=0.5))
+    with pytest.raises(UserError, match="make a global batch of 2 x 1 accumulation but the run in .* used 4 x 1"):
+        train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True, batch_size=2))
     rest = train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True))
     assert list(first["losses"]) == list(range(1, 8)) and list(rest["losses"]) == list(range(8, 13))
     assert {**first["losses"], **rest["losses"]} == whole["losses"]  # exactly, dropout included
