@@ -170,7 +170,8 @@ def test_init_from_an_hf_folder_fine_tunes_its_params_with_its_vocabulary(hf_fol
     _, expected_hparams, expected = load_encoder_hparams_and_params(tf_model[0])
     assert hparams == expected_hparams
     assert_same_params(params, expected)
-    train_jax.write_config(str(tmp_path / "run"), flags, hparams, vocab_dir)  # the run's vocabulary, in OpenAI's names
+    batch = {"global_batch": 12, "grad_accum": 1}
+    train_jax.write_config(str(tmp_path / "run"), flags, hparams, vocab_dir, batch)  # the run's vocabulary, in OpenAI's names
     assert load_encoder(str(tmp_path / "run")).encoder == load_encoder(hf_folder).encoder
 
 

@@ -151,7 +151,7 @@ def test_mesh_dp8_with_the_default_flags_trains_on_8_devices(data_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     start = next(line for line in done.stderr.splitlines() if "tokens/step" in line)
     assert "global batch 96 (12 per dp*fsdp rank) x 1 accumulation = 6144 tokens/step, 8 device(s)" in start  # 12 x 8 x 64
-    assert "matmul peak 1 GFLOP/s" in start  # faked CPU devices share the host's peak, not 8 times it
+    assert "peak 1 GFLOP/s (--peak_flops)" in start  # faked CPU devices share the host's peak, not 8 times it
 
 
 def test_remat_and_chunked_loss_give_the_plain_loss_and_gradients_sharded_and_not():
