@@ -15,7 +15,8 @@ import json
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -203,14 +204,30 @@ def numpy_encoder(encoder):
     return lambda text: encoder.fast.encode_to_numpy(text, disallowed_special=())
 
 
-def gpt2_ids(paths, encoder, text_field, num_proc, bar):
-    """The inputs' GPT-2 BPE ids, in order, chunk by chunk, encoded by num_proc threads (tiktoken's
-    encoder releases the GIL); at most 2 * num_proc chunks of text are held at a time."""
-    encode = functools.partial(encode_item, numpy_encoder(encoder), encoder.eot_token)
-    with ThreadPoolExecutor(num_proc) as pool:
+@functools.lru_cache(maxsize=1)  # one per process: a worker builds its encoder once
+def item_encoder(vocab_dir):
+    encoder = load_encoder(vocab_dir)
+    return functools.partial(encode_item, numpy_encoder(encoder), encoder.eot_token)
+
+
+def encode_with(vocab_dir, pieces):  # -> [n_ids] uint16
+    return item_encoder(vocab_dir)(pieces)
+
+
+def gpt2_ids(paths, vocab_dir, text_field, num_proc, bar):
+    """The inputs' GPT-2 BPE ids, in order, chunk by chunk, encoded in this process or by num_proc
+    worker processes (threads share tiktoken's GIL-free encoder less well: 1.45x on 2 cores against
+    1.76x for processes); at most 2 * num_proc chunks of text are in flight."""
+    if num_proc == 1:
+        for pieces, read in work_items(paths, text_field):
+            yield encode_with(vocab_dir, pieces)
+            bar.update(read)
+        return
+    spawn = multiprocessing.get_context("spawn")  # a fork would copy JAX's threads mid-flight
+    with ProcessPoolExecutor(num_proc, mp_context=spawn) as pool:
         pending = collections.deque()
         for pieces, read in work_items(paths, text_field):
-            pending.append((pool.submit(encode, pieces), read))
+            pending.append((pool.submit(encode_with, vocab_dir, pieces), read))
             if len(pending) >= 2 * num_proc:
                 ids, read = pending.popleft()
                 yield ids.result()
@@ -304,7 +321,7 @@ def prepare(
       val_fraction: the share of ids, at the end, held out as val.
       vocab_dir: where GPT-2's encoder.json and vocab.bpe are (fetched there when missing; gpt2 only).
       text_field: the JSON field or parquet column that holds a document's text.
-      num_proc: threads encoding at once (0: all the machine's cores); the ids do not depend on it.
+      num_proc: processes encoding at once (0: all the machine's cores); the ids do not depend on it.
       shard_tokens: 0 for one train.bin and one val.bin, or the ids per file (e.g. 100_000_000: files of
         200 MB, as for FineWeb-edu).
     """
@@ -352,8 +369,7 @@ def encode_inputs(paths, out, tokenizer, val_fraction, vocab_dir, text_field, nu
     else:
         for name in VOCAB_FILES:
             shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(out, name))
-        encoder = load_encoder(out)
-        vocab_size, chunks = len(encoder.encoder), lambda b: gpt2_ids(paths, encoder, text_field, num_proc, b)
+        vocab_size, chunks = len(load_encoder(out).encoder), lambda b: gpt2_ids(paths, out, text_field, num_proc, b)
     with bar(f"encoding ({tokenizer})") as b:
         train_paths, n_ids, largest = write_ids(chunks(b), out, "train", shard_tokens)
     n_train = int(n_ids * (1 - val_fraction))

@@ -1,4 +1,4 @@
-"""data.py at scale: prepare from text, jsonl(.gz) and parquet in threads into shards, and the loader
+"""data.py at scale: prepare from text, jsonl(.gz) and parquet in worker processes into shards, and the loader
 over the shards of prepare, nanoGPT, llm.c and build-nanogpt.
 
 The references are the files' own definitions: ids written here with NumPy in each tool's layout,
@@ -69,8 +69,8 @@ def test_each_document_is_encoded_and_separated_by_endoftext(name, tmp_path, voc
     assert sorted(os.listdir(tmp_path)) == sorted([name, "more.txt", "data"])  # no .partial folder left
 
 
-def test_threads_and_shards_write_exactly_the_ids_of_one_thread(tmp_path, vocab_dir, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 64)  # many pieces, so the threads interleave
+def test_processes_and_shards_write_exactly_the_ids_of_one_process(tmp_path, vocab_dir, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 64)  # many pieces, so the workers interleave
     documents = [f"Document {i}: " + "some words, and more words. " * (i % 7) + "\nend\n" for i in range(200)]
     write_jsonl(tmp_path / "docs.jsonl.gz", documents)
     (tmp_path / "book.txt").write_text("ROMEO: a line.\n\nJULIET: another one.\n" * 50, encoding="utf-8")
