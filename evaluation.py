@@ -201,7 +201,7 @@ def model_to_score(model_size, ckpt_dir, step, models_dir):
     if bool(model_size) == bool(ckpt_dir):
         raise UserError("give the model to score: --model_size 124M|MODEL_DIR, or --ckpt_dir OUT_DIR [--step N] (one of them)")
     if model_size:
-        return load_encoder_hparams_and_params(str(model_size), models_dir)
+        return load_encoder_hparams_and_params(str(model_size), models_dir, step)  # --step for a run folder
     ckpt_dir = check_folder(ckpt_dir, "ckpt_dir")
     _, hparams, params = run_params(ckpt_dir, step)
     return load_encoder(ckpt_dir), hparams, params

@@ -57,6 +57,7 @@ from sharding import (
 from utils import (
     VOCAB_FILES,
     copy_vocab,
+    encode_prompt,
     expected_shapes,
     flatten,
     import_tensorflow,
@@ -603,18 +604,13 @@ def sample_text(params, encoder, prompt_ids, n_head, n_new):
     return encoder.decode(generate(prompt_ids, params, n_head, n_new, backend="jax"))
 
 
-def sample_prompt_ids(encoder, prompt, n_ctx):
+def sample_prompt_ids(encoder, prompt, hparams):
     """`--sample_prompt`'s ids and how many tokens follow them (SAMPLE_TOKENS, or what n_ctx leaves)."""
-    prompt = str(prompt)  # fire reads `--sample_prompt 1` as a number
-    if not prompt and encoder.eot_token is None:
-        raise UserError("--sample_prompt '': this vocabulary has no <|endoftext|> to start from: give a text")
     try:
-        ids = encoder.encode(prompt) if prompt else [encoder.eot_token]
-    except KeyError as e:  # the bytes tokenizer knows only the bytes of its data
-        raise UserError(f"--sample_prompt {prompt!r} has a character outside the data's vocabulary ({e}): give text like the data's")
-    if len(ids) >= n_ctx:
-        raise UserError(f"--sample_prompt {prompt!r} is {len(ids)} tokens but the model sees at most {n_ctx}: shorten it")
-    return ids, min(SAMPLE_TOKENS, n_ctx - len(ids))
+        ids = encode_prompt(encoder, hparams, str(prompt), 1)  # fire reads `--sample_prompt 1` as a number
+    except UserError as e:
+        raise UserError(f"--sample_prompt {str(prompt)!r}: {e}")
+    return ids, min(SAMPLE_TOKENS, hparams["n_ctx"] - len(ids))
 
 
 def finished_step(out_dir, keep, max_iters):
@@ -662,7 +658,7 @@ def fit(flags, clock=time.perf_counter):
     val_ids = load_split(data_dir, "val", block_size, hparams["n_vocab"])
     encoder = load_encoder(vocab_dir) if flags["sample_every"] or flags["hellaswag_every"] else None
     if flags["sample_every"]:
-        prompt_ids, n_sample = sample_prompt_ids(encoder, flags["sample_prompt"], hparams["n_ctx"])
+        prompt_ids, n_sample = sample_prompt_ids(encoder, flags["sample_prompt"], hparams)
     optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
     state, shardings = init_sharded_state(params, optimizer, seed, mesh)
     manager = checkpoint_manager(out_dir, flags["keep"])

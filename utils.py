@@ -585,7 +585,13 @@ def encode_prompt(encoder, hparams, prompt, n_tokens_to_generate):
         prompt = str(prompt)
     if not prompt and encoder.eot_token is None:
         raise UserError("this model's vocabulary has no <|endoftext|>: give a non-empty prompt")
-    ids = encoder.encode(prompt) if prompt else [encoder.eot_token]
+    try:
+        ids = encoder.encode(prompt) if prompt else [encoder.eot_token]
+    except KeyError:  # a bytes vocabulary knows only the bytes of its training data
+        raise UserError(
+            f"the prompt has a character outside the model's vocabulary of {len(encoder.encoder)} tokens: "
+            f"give text like its training data's"
+        )
     n_ctx = hparams["n_ctx"]
     if len(ids) + n_tokens_to_generate > n_ctx:
         if len(ids) >= n_ctx:

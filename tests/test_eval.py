@@ -162,6 +162,7 @@ def test_training_logs_hellaswag_every_n_steps(tmp_path, vocab_dir, monkeypatch,
         ({"model_size": "MODEL", "data_dir": "/nonexistent"}, "no val split in /nonexistent"),
         ({"model_size": "MODEL", "data_dir": "D", "split": "test"}, "unknown --split 'test'"),
         ({"model_size": "MODEL", "data_dir": "D", "eval_tokens": -1}, "--eval_tokens must be an integer >= 0"),
+        ({"model_size": "MODEL", "data_dir": "D", "step": 4}, "--step 4 picks a checkpoint of a training run"),
     ],
 )
 def test_eval_errors_name_the_fix(flags, message, model, tmp_path):

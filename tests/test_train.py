@@ -448,6 +448,16 @@ def test_tensorboard_curves_go_on_after_a_resume(data_dir, tmp_path):
     assert all(values["train/grad_norm", s] > 0 for s in (2, 4, 6, 8, 10))
 
 
+def test_a_prompt_outside_a_bytes_vocabulary_is_one_error(data_dir, tmp_path):
+    from utils import encode_prompt
+
+    with pytest.raises(UserError, match=re.escape(f"the prompt has a character outside the model's vocabulary of {N_SYMBOLS} tokens")):
+        encode_prompt(load_encoder(data_dir), {"n_ctx": 16}, "€", 1)  # the corpus is ASCII
+    with pytest.raises(UserError, match=re.escape("--sample_prompt '€': the prompt has a character outside")):
+        train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=1, sample_every=1, sample_prompt="€"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_samples_are_gpt2s_greedy_text_with_the_current_params(data_dir, tmp_path, capfd):
     train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=4, sample_every=4, sample_prompt="ROMEO:"))
     printed = [line for line in capfd.readouterr().err.splitlines() if line.startswith("step 4 sample: ")]
