@@ -17,7 +17,7 @@ import os
 import re
 
 from cli import UserError
-from utils import flatten, unflatten
+from utils import flatten
 
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")  # the batch is split over both data-parallel axes
@@ -35,11 +35,19 @@ PARTITION_RULES = (
 MESH_EXAMPLE = "dp=2,fsdp=2,tp=2"
 
 
+def map_paths(function, params):
+    """A tree like `params` of `function(path, leaf)` at each leaf, its path '/'-joined as `flatten`'s."""
+    import jax
+
+    path_of = lambda keys: jax.tree_util.keystr(keys, simple=True, separator="/")
+    return jax.tree_util.tree_map_with_path(lambda keys, leaf: function(path_of(keys), leaf), params)
+
+
 def match_rules(rules, params):
-    """A tree like `params` holding, for each leaf, the value of the first rule whose regex matches
-    its '/'-joined path (the weight-decay mask and the partition specs both come from this)."""
-    flat = {path: next(value for pattern, value in rules if re.search(pattern, path)) for path in flatten(params)}
-    return unflatten(flat, len(params["blocks"]))
+    """A tree like `params` (a list of blocks, or training's stacked block) holding, for each leaf, the
+    value of the first rule whose regex matches its '/'-joined path (the weight-decay mask and the
+    partition specs both come from this)."""
+    return map_paths(lambda path, _: next(value for pattern, value in rules if re.search(pattern, path)), params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,13 +212,28 @@ def partition_spec(spec, shape, mesh_shape):
 
 
 def param_shardings(params, mesh, rules=PARTITION_RULES):
-    """A tree like `params` (arrays or shapes) of the `NamedSharding` each parameter gets."""
-    from jax.sharding import NamedSharding
+    """A tree like `params` (arrays or shapes) of the `NamedSharding` each parameter gets. Training's
+    stacked blocks ([n_layer, ...] each) get each layer's sharding behind a whole layer axis: fsdp
+    splits a weight's own dimensions, so a layer is gathered alone."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
     specs = flatten(match_rules(rules, params))
-    spec = lambda path, leaf: partition_spec(specs[path], leaf.shape, mesh.shape)
-    flat = {path: NamedSharding(mesh, spec(path, leaf)) for path, leaf in flatten(params).items()}
-    return unflatten(flat, len(params["blocks"]))
+    stacked = isinstance(params["blocks"], dict)
+
+    def sharding(path, leaf):
+        layer_axes = 1 if stacked and path.startswith("blocks/") else 0
+        spec = partition_spec(specs[path], leaf.shape[layer_axes:], mesh.shape)
+        return NamedSharding(mesh, PartitionSpec(*[None] * layer_axes, *spec))
+
+    return map_paths(sharding, params)
+
+
+def layer_sharding(sharding):
+    """The sharding of one layer of a stacked weight: the stacked one without its (whole) layer axis;
+    one device's, or none, as it is."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:])) if isinstance(sharding, NamedSharding) else sharding
 
 
 def state_shardings(state, optimizer, mesh):

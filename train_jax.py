@@ -47,8 +47,10 @@ from sharding import (
     divisors,
     gathered,
     initialize_distributed,
+    layer_sharding,
     match_rules,
     memory_per_device,
+    param_shardings,
     parse_mesh,
     place,
     state_shardings,
@@ -178,6 +180,43 @@ def each_block(layer):
     return block
 
 
+def stacked(params):  # {'blocks': n_layer blocks} -> {'blocks': one block of [n_layer, ...] weights}
+    """Training's layout of the params, and so of their gradients and AdamW's moments: the blocks
+    stacked, which the remat path scans as they are and the optimizer updates as a dozen arrays
+    whatever the depth. Made once with the train state; gpt2.py, checkpoints and exports keep the list."""
+    import jax
+    import jax.numpy as jnp
+
+    return {**params, "blocks": jax.tree.map(lambda *layers: jnp.stack(layers), *params["blocks"])}
+
+
+def unstacked(params, layer=lambda a, i: a[i]):  # {'blocks': one block of [n_layer, ...]} -> {'blocks': n_layer blocks}
+    """The list of blocks of training's stacked params; `layer(a, i)` is layer i of a stacked leaf."""
+    import jax
+
+    n_layer = jax.tree.leaves(params["blocks"])[0].shape[0]
+    return {**params, "blocks": [jax.tree.map(lambda a: layer(a, i), params["blocks"]) for i in range(n_layer)]}
+
+
+def is_params(tree):  # the params, their gradients, an optimizer moment
+    return isinstance(tree, dict) and "blocks" in tree
+
+
+def state_on_disk(state, layer=lambda a, i: a[i]):
+    """The train state as checkpoints hold it: each params-shaped tree in it (the params, AdamW's
+    moments) with the list of blocks, so that runs written before training stacked them resume."""
+    import jax
+
+    return jax.tree.map(lambda tree: unstacked(tree, layer) if is_params(tree) else tree, state, is_leaf=is_params)
+
+
+def state_in_training(state):
+    """The inverse of `state_on_disk`: each params-shaped tree stacked."""
+    import jax
+
+    return jax.tree.map(lambda tree: stacked(tree) if is_params(tree) else tree, state, is_leaf=is_params)
+
+
 def scanned_blocks(layer):
     """hidden_states' `block` for all the layers at once, given as one block of stacked weights
     ([n_layer, ...] each): `lax.scan` runs `layer` over them, so the program (and its compile time)
@@ -193,19 +232,13 @@ def scanned_blocks(layer):
     return layers
 
 
-def stack_blocks(blocks):  # n_layer blocks -> one block of [n_layer, ...] weights
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)
-
-
 def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
     weights' precision (float32). On a mesh, the weights are used with `compute_shardings`, each
-    block's when that block runs. `remat` is a key of REMAT_POLICIES: with a policy the blocks run as
-    one scan over their stacked weights; without, one by one (a scan would keep every layer's
-    activations stacked: 3x the memory of 124M's step, and half the speed of the CPU baby config).
+    block's when that block runs. The params are training's (`stacked`). `remat` is a key of
+    REMAT_POLICIES: with a policy the blocks run as one scan over the stacked weights; without, one
+    by one (a scan would keep every layer's activations stacked: 3x the memory of 124M's step, and
+    half the speed of the CPU baby config).
     `loss_chunk` is the positions whose logits are computed at once (0: all)."""
     import jax
 
@@ -214,19 +247,21 @@ def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings
     if compute_shardings is not None:
         outside = {name: compute_shardings[name] for name in ("wte", "wpe", "ln_f")}
         compute = {**compute, **jax.lax.with_sharding_constraint({name: compute[name] for name in outside}, outside)}
-        block_shardings = compute_shardings["blocks"][0]  # every block has the same layout
+        block_shardings = jax.tree.map(layer_sharding, compute_shardings["blocks"])  # one layer's, as every layer's
     layer = training_layer(remat, block_shardings)
     if REMAT_POLICIES[remat] is None:
-        block = each_block(layer)
+        compute, block = unstacked(compute), each_block(layer)
     else:
-        compute["blocks"], block = [stack_blocks(compute["blocks"])], scanned_blocks(layer)
+        compute["blocks"], block = [compute["blocks"]], scanned_blocks(layer)
     h, _ = hidden_states(inputs, **compute, n_head=n_head, rate=rate, key=key if rate else None, block=block)  # [batch, n_seq, n_embd]
     return chunked_cross_entropy(h, compute["wte"], targets, loss_chunk, params["wte"].dtype)
 
 
-def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip):
+def make_optimizer(learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip):
     """Global-norm clipping, then AdamW with linear warmup and cosine decay to min_lr; weight decay
-    only where DECAY_RULES say."""
+    only where DECAY_RULES say (of the paths of the params it is given, in either layout)."""
+    import functools
+
     import optax
 
     schedule = optax.warmup_cosine_decay_schedule(
@@ -236,25 +271,29 @@ def make_optimizer(params, learning_rate, min_lr, warmup_iters, lr_decay_iters, 
         decay_steps=max(lr_decay_iters, warmup_iters + 1),
         end_value=min_lr,
     )
-    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=match_rules(DECAY_RULES, params))
+    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=functools.partial(match_rules, DECAY_RULES))
     return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), adamw), schedule
 
 
 def init_state(params, optimizer, seed):
+    """The train state of the params (a list of blocks): training's stacked params, the optimizer
+    state and the dropout key."""
     import jax
 
+    params = stacked(params)
     return {"params": params, "opt_state": optimizer.init(params), "key": jax.random.PRNGKey(seed)}
 
 
 def init_sharded_state(params, optimizer, seed, mesh):
-    """(state, its shardings) created on the mesh: the host params copied shard by shard, the
-    optimizer state made by a jit whose outputs are already split, so no device holds a full copy."""
+    """(state, its shardings) created on the mesh: the host params copied shard by shard, then
+    stacked and the optimizer state made by a jit whose outputs are already split, so no device
+    holds a full copy."""
     import jax
 
     init = lambda p: init_state(p, optimizer, seed)
     shardings = state_shardings(jax.eval_shape(init, params), optimizer, mesh)
-    placed = place(params, shardings["params"])
-    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(placed), shardings
+    placed = place(params, param_shardings(params, mesh))
+    return jax.jit(init, out_shardings=shardings)(placed), shardings
 
 
 def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # inputs, targets [grad_accum, batch, n_seq]
@@ -332,19 +371,40 @@ def checkpoint_manager(out_dir, keep):
         )
 
 
+def shardings_of(tree):
+    """The sharding of each array (or shape) of `tree`, None where it has none."""
+    import jax
+
+    return jax.tree.map(lambda a: getattr(a, "sharding", None), tree)
+
+
+def abstract_on_disk(state):
+    """The shapes, dtypes and shardings of `state_on_disk(state)` (each layer's, see layer_sharding),
+    from the train state's arrays or shapes."""
+    import jax
+
+    shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+    layer = lambda a, i: jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=layer_sharding(a.sharding))
+    return state_on_disk(jax.tree.map(shape, state), layer)
+
+
 def save_checkpoint(manager, step, state, seed, val_loss):
+    import jax
     import orbax.checkpoint as ocp
 
+    on_disk = jax.jit(state_on_disk, out_shardings=shardings_of(abstract_on_disk(state)))(state)
     loader = {"seed": seed, "next_batch": step}  # the batch of step s is drawn from (seed, s)
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(on_disk), loader=ocp.args.JsonSave(loader))
     manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": val_loss})
 
 
 def restore_checkpoint(manager, step, target):
-    """(state, loader) of `step`, shaped like the `target` state."""
+    """(state, loader) of `step`, in the layout and shardings of the `target` train state (arrays or
+    shapes)."""
+    import jax
     import orbax.checkpoint as ocp
 
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore())
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_on_disk(target)), loader=ocp.args.JsonRestore())
     try:
         restored = manager.restore(step, args=args)
     except (ValueError, OSError, KeyError, TypeError) as e:  # orbax reads JSON, msgpack and tensorstore: never pickle
@@ -353,7 +413,7 @@ def restore_checkpoint(manager, step, target):
             f"the checkpoint {folder} cannot be read ({type(e).__name__}): move that folder away to use the "
             f"checkpoint before it (the run has steps {list(manager.all_steps())})"
         )
-    return restored["state"], restored["loader"]
+    return jax.jit(state_in_training, out_shardings=shardings_of(target))(restored["state"]), restored["loader"]
 
 
 def state_shape(config):
@@ -361,7 +421,7 @@ def state_shape(config):
     import jax
 
     flags, hparams = config["flags"], config["hparams"]
-    optimizer, _ = make_optimizer(jax.eval_shape(lambda: init_params(hparams, 0)), **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    optimizer, _ = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
     return jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
 
 
@@ -659,7 +719,7 @@ def fit(flags, clock=time.perf_counter):
     encoder = load_encoder(vocab_dir) if flags["sample_every"] or flags["hellaswag_every"] else None
     if flags["sample_every"]:
         prompt_ids, n_sample = sample_prompt_ids(encoder, flags["sample_prompt"], hparams)
-    optimizer, schedule = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    optimizer, schedule = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
     state, shardings = init_sharded_state(params, optimizer, seed, mesh)
     manager = checkpoint_manager(out_dir, flags["keep"])
     start = 0
@@ -687,7 +747,8 @@ def fit(flags, clock=time.perf_counter):
         split: [sharded_batch(ids, offsets, block_size, eval_batch) for offsets in eval_offsets(ids)]
         for split, ids in (("train", train_ids), ("val", val_ids))
     }
-    hellaswag_args = (flags["models_dir"], encoder, hparams, mesh, shardings["params"], args["dtype"], plan["global_batch"])
+    model_shardings = param_shardings(params, mesh)  # gpt2.py's list of blocks, for HellaSwag
+    hellaswag_args = (flags["models_dir"], encoder, hparams, mesh, model_shardings, args["dtype"], plan["global_batch"])
     score_hellaswag = hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None
     tokens_per_step = plan["grad_accum"] * plan["global_batch"] * block_size
     flops_per_step = flops_per_token(params, hparams["n_layer"], hparams["n_embd"], block_size) * tokens_per_step
@@ -707,7 +768,7 @@ def fit(flags, clock=time.perf_counter):
     replicated = shardings["key"]
     track = jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated)
     fresh_tracker = jax.jit(no_bad_step, out_shardings=replicated)
-    gather = jax.jit(lambda p: p, out_shardings=replicated)  # every process can read the whole params
+    gather = jax.jit(unstacked, out_shardings=replicated)  # every process can read the whole params
     writer = summary_writer(out_dir) if main_process else None
     write = (log if plain else functools.partial(tqdm.write, file=sys.stderr)) if main_process else say
 
@@ -756,7 +817,8 @@ def fit(flags, clock=time.perf_counter):
                 text = sample_text(host_params, encoder, prompt_ids, hparams["n_head"], n_sample)
                 write(f"step {done} sample: {text!r}")
         if score_hellaswag and done % flags["hellaswag_every"] == 0:
-            acc, acc_norm, n_examples = score_hellaswag(state["params"])  # on every process: the forward is sharded
+            model = jax.jit(unstacked, out_shardings=model_shardings)(state["params"])
+            acc, acc_norm, n_examples = score_hellaswag(model)  # on every process: the forward is sharded
             if main_process:
                 write(f"step {done}: {hellaswag_line(acc, acc_norm, n_examples)}")
                 write_scalars(writer, done, {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm})
@@ -975,7 +1037,7 @@ def compiled_train_step(flags, hparams, mesh):
     import jax
 
     params = abstract_params(hparams)
-    optimizer, _ = make_optimizer(params, **{k: flags[k] for k in OPTIMIZER_FLAGS})
+    optimizer, _ = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer, flags["seed"]), params)
     shardings = state_shardings(abstract, optimizer, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -38,7 +38,7 @@ def one_step(specs):
     import jax
 
     params = train_jax.init_params(HPARAMS, seed=0)
-    optimizer, _ = train_jax.make_optimizer(params, **OPTIMIZER)
+    optimizer, _ = train_jax.make_optimizer(**OPTIMIZER)
     rng = np.random.default_rng(0)
     inputs, targets = rng.integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE), dtype=np.int32)
     step = functools.partial(train_jax.train_step, optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
@@ -92,6 +92,7 @@ def loss_grads(specs, variants):
     from sharding import batch_sharding, device_mesh, gathered, param_shardings
 
     params = train_jax.init_params(HPARAMS, seed=0)
+    training_params = train_jax.stacked(params)
     inputs, targets = np.random.default_rng(0).integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE[1:]), dtype=np.int32)
     args = dict(key=None, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
     grad_fn = lambda **kwargs: jax.jit(jax.value_and_grad(functools.partial(train_jax.loss_fn, **args, **kwargs)))
@@ -101,13 +102,13 @@ def loss_grads(specs, variants):
     results = {}
     for spec in ["", *specs]:
         mesh = device_mesh(spec)
-        shardings = param_shardings(params, mesh)
+        shardings = param_shardings(training_params, mesh)
         batch = batch_sharding(mesh, 2, axis=0)
-        placed = (jax.device_put(params, shardings), jax.device_put(inputs, batch), jax.device_put(targets, batch))
+        placed = (jax.device_put(training_params, shardings), jax.device_put(inputs, batch), jax.device_put(targets, batch))
         compute = gathered(shardings) if spec else None
         for variant in variants:
             new_loss, new_grads = grad_fn(**variant, compute_shardings=compute)(*placed)
-            flat = flatten(new_grads)
+            flat = flatten(train_jax.unstacked(new_grads))
             difference = lambda path: float(np.abs(np.asarray(flat[path]) - expected[path]).max() / np.abs(expected[path]).max())
             results[f"{spec or 'one device'} {variant}"] = {
                 "loss": abs(float(new_loss) / float(loss) - 1),
@@ -146,7 +147,7 @@ def fsdp_bytes(spec):
     from sharding import device_mesh
 
     params = train_jax.init_params(HPARAMS, seed=0)
-    optimizer, _ = train_jax.make_optimizer(params, **OPTIMIZER)
+    optimizer, _ = train_jax.make_optimizer(**OPTIMIZER)
     state, _ = train_jax.init_sharded_state(params, optimizer, 0, device_mesh(spec))
     per_device = {}
     for name in ("params", "opt_state"):
@@ -156,6 +157,38 @@ def fsdp_bytes(spec):
                 per_device[name][str(shard.device)] += shard.data.nbytes
     total = {name: sum(leaf.nbytes for leaf in jax.tree.leaves(state[name])) for name in ("params", "opt_state")}
     return {"per_device": per_device, "total": total}
+
+
+def unfused_values(hlo, dims):
+    """{dtype: count} of the values of shape `dims` that a compiled program's text computes outside
+    its fusions (what a fusion computes inside stays in registers and vector memory, never a buffer)."""
+    import re
+
+    fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo))
+    counts = {}
+    for computation in re.split(r"\n(?=\S)", hlo):  # a computation starts at column 0
+        name = re.match(r"(?:ENTRY )?%?([\w.\-]+)", computation)
+        if name is None or name[1] in fused:
+            continue
+        for shape in re.findall(r"^\s+(?:ROOT )?%?[\w.\-]+ = (\S+|\(.*?\)) [\w\-]+\(", computation, re.M):
+            for dtype in re.findall(rf"(\w+)\[{','.join(map(str, dims))}\]", shape):
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
+
+
+def activation_dtypes(topology, flags):
+    """The dtypes of the [batch, n_seq, n_embd] activations (per device, and as the [batch * n_seq,
+    n_embd] rows of a matmul) in the train step of `flags` compiled for `topology`, and of what the
+    remat policy saves of them ([n_layer, batch, n_seq, n_embd])."""
+    from sharding import parse_mesh, topology_devices
+
+    flags = train_jax.default_flags(**flags)
+    mesh = parse_mesh(flags["mesh"], topology_devices(topology))
+    hparams = train_jax.model_shape(flags)
+    hlo = train_jax.compiled_train_step(flags, hparams, mesh).as_text()
+    batch, n_seq, n_embd = flags["batch_size"], flags["block_size"], hparams["n_embd"]
+    shapes = {"activations": (batch, n_seq, n_embd), "rows": (batch * n_seq, n_embd), "saved": (hparams["n_layer"], batch, n_seq, n_embd)}
+    return {name: unfused_values(hlo, dims) for name, dims in shapes.items()}
 
 
 def fit_losses(runs):

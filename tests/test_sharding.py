@@ -115,14 +115,16 @@ def test_one_train_step_under_each_mesh_equals_the_unsharded_step():
         # that rounding of 1e-8 of zero; 5e-3 lr lets through none of the lr-sized moves a wrongly
         # split gradient makes. (A bound from the loss alone cannot be had: see issue-10 report.)
         assert step["max_param_diff"] < 5e-3 * 1e-2, mesh
-    assert steps["dp=8"]["specs"]["blocks/0/attn/c_attn/w"] == "P(None, None)"  # dp replicates the weights
-    assert steps["fsdp=8"]["specs"]["blocks/0/attn/c_attn/w"] == "P(None, 'fsdp')"  # the largest dimension
-    assert steps["fsdp=8"]["specs"]["blocks/0/mlp/c_proj/w"] == "P('fsdp', None)"
-    assert steps["dp=2,tp=4"]["specs"]["blocks/1/attn/c_attn/w"] == "P(None, 'tp')"  # column-parallel
-    assert steps["dp=2,tp=4"]["specs"]["blocks/1/mlp/c_proj/w"] == "P('tp', None)"  # row-parallel
+    # The train state stacks the blocks ([n_layer, ...]): the layer axis is never split, so fsdp
+    # gathers one layer at a time; each layer's dimensions are split as the rules say.
+    assert steps["dp=8"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, None)"  # dp replicates the weights
+    assert steps["fsdp=8"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, 'fsdp')"  # the largest dimension
+    assert steps["fsdp=8"]["specs"]["blocks/mlp/c_proj/w"] == "P(None, 'fsdp', None)"
+    assert steps["dp=2,tp=4"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, 'tp')"  # column-parallel
+    assert steps["dp=2,tp=4"]["specs"]["blocks/mlp/c_proj/w"] == "P(None, 'tp', None)"  # row-parallel
     assert steps["dp=2,tp=4"]["specs"]["wte"] == "P('tp', None)"  # split over the vocabulary
     assert steps["dp=2,tp=4"]["specs"]["ln_f/g"] == "P(None,)"
-    assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/0/mlp/c_fc/w"] == "P('fsdp', 'tp')"
+    assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/mlp/c_fc/w"] == "P(None, 'fsdp', 'tp')"
 
 
 def test_batch_size_counts_per_data_parallel_rank_so_each_mesh_trains_the_same_batch(data_dir, tmp_path):
@@ -192,6 +194,18 @@ def test_compile_for_a_tpu_topology(data_dir):
         pytest.skip("libtpu is not installed (pip install -e \".[tpu]\"): checked the error only")
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^TPU v5 lite x 4 \{'dp': 4, .* of 16.00 GiB per device, .*: fits$", done.stdout.strip())
+
+
+def test_bfloat16_keeps_the_activations_in_bfloat16_in_the_program_compiled_for_a_tpu():
+    """The bfloat16 step (remat block) compiled for a v5e-4 slice: every [batch, n_seq, n_embd] value
+    (per device) that the program holds outside its fusions is bfloat16, the matmuls' [batch * n_seq,
+    n_embd] rows too, and so are the block inputs the policy saves for the backward pass."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e \".[tpu]\"): there is no TPU program to read")
+    flags = dict(vocab_size=320, n_layer=2, n_head=2, n_embd=96, block_size=64, batch_size=4, mesh="dp=4", dtype="bfloat16", remat="block")
+    found = on_devices("activation_dtypes", topology="v5e:2x2", flags=flags)
+    assert found["activations"].get("bf16") and found["rows"].get("bf16") and found["saved"].get("bf16"), found
+    assert not any("f32" in counts for counts in found.values()), found
 
 
 def test_fsdp8_holds_an_eighth_of_the_params_and_optimizer_state_on_each_device():

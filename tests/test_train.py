@@ -170,9 +170,9 @@ def test_gradients_match_central_finite_differences():
     params = unflatten(flat, hparams["n_layer"])  # float64 NumPy
     inputs, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
     with jax.enable_x64(True):
-        jax_params = jax.tree.map(jax.numpy.asarray, params)
+        jax_params = train_jax.stacked(jax.tree.map(jax.numpy.asarray, params))
         loss, grads = jax.value_and_grad(train_jax.loss_fn)(jax_params, inputs, targets, None, 2, 0.0, "float64")
-        grads = {p: np.asarray(g) for p, g in flatten(grads).items()}
+        grads = {p: np.asarray(g) for p, g in flatten(train_jax.unstacked(grads)).items()}
     float64_tolerance = float32_tolerance(1.0, forward_length(hparams, 6) + 12, eps=float(np.finfo(np.float64).eps))
     assert float(loss) == pytest.approx(numpy_loss(params, inputs, targets, 2), rel=float64_tolerance)
     eps = 1e-6  # central differences: truncation ~eps**2 (relative), rounding ~2.2e-16 * loss / eps ~ 5e-10 (absolute)
@@ -192,7 +192,7 @@ def test_decay_mask_covers_exactly_the_2d_weights():
     mask = flatten(match_rules(train_jax.DECAY_RULES, params))
     assert {p for p, decay in mask.items() if decay} == {p for p, a in flatten(params).items() if a.ndim == 2}
     # One AdamW step with zero gradients only decays: exactly the masked leaves shrink by lr * wd.
-    optimizer, _ = train_jax.make_optimizer(params, 0.5, 0.5, 0, 10, 0.1, 0.9, 0.95, 1.0)
+    optimizer, _ = train_jax.make_optimizer(0.5, 0.5, 0, 10, 0.1, 0.9, 0.95, 1.0)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
     for path, update in flatten(updates).items():
@@ -201,8 +201,7 @@ def test_decay_mask_covers_exactly_the_2d_weights():
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
-    params = train_jax.init_params({"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}, 0)
-    _, schedule = train_jax.make_optimizer(params, 1e-3, 1e-4, 10, 100, 0.1, 0.9, 0.95, 1.0)
+    _, schedule = train_jax.make_optimizer(1e-3, 1e-4, 10, 100, 0.1, 0.9, 0.95, 1.0)
     lrs = [float(schedule(step)) for step in range(120)]
     approx = functools.partial(pytest.approx, rel=8 * FLOAT32_EPS)  # a few float32 operations (the cosine's too)
     assert lrs[0] == approx(1e-3 / 11) and lrs[10] == approx(1e-3)
@@ -228,7 +227,7 @@ def jitted_step(optimizer, dtype="float32"):
 
 def test_tiny_model_overfits_one_batch(data_dir):
     params, batch = tiny_setup(data_dir, n_embd=32)
-    optimizer, _ = train_jax.make_optimizer(params, 1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
+    optimizer, _ = train_jax.make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
     state, step = train_jax.init_state(params, optimizer, 0), jitted_step(optimizer)
     losses = []
     for _ in range(300):
@@ -249,7 +248,7 @@ def test_grad_accum_equals_one_big_batch(data_dir):
     (accumulated, metrics_2x2), (whole, metrics_1x4) = step(state(), *accumulated_batch), step(state(), *whole_batch)
     length = forward_length({"n_layer": 2, "n_embd": 16}, 16) + 4 * 16  # the forward, then the mean over 4 x 16 tokens
     assert float(metrics_2x2["loss"]) == pytest.approx(float(metrics_1x4["loss"]), rel=float32_tolerance(1.0, length))
-    for a, b, p in zip(*(jax.tree.leaves(s["params"]) for s in (accumulated, whole)), jax.tree.leaves(params)):
+    for a, b, p in zip(*(jax.tree.leaves(s["params"]) for s in (accumulated, whole)), jax.tree.leaves(train_jax.stacked(params))):
         update = np.asarray(b) - np.asarray(p)  # the mean gradient, summed in another order: relative to the leaf's largest
         stored = FLOAT32_EPS * np.abs(p).max()  # and each new param rounded to float32 at the params' scale (half an ulp, twice)
         np.testing.assert_allclose(np.asarray(a) - p, update, rtol=0, atol=float32_tolerance(np.abs(update).max(), length) + stored)
@@ -260,11 +259,12 @@ def test_bfloat16_computes_close_to_float32_with_float32_weights(data_dir):
 
     params, (inputs, targets) = tiny_setup(data_dir)
     grad = jax.jit(jax.value_and_grad(train_jax.loss_fn), static_argnums=(3, 4, 5, 6))
-    (loss_32, grads_32), (loss_16, grads_16) = (grad(params, inputs[0], targets[0], None, 2, 0.0, d) for d in ("float32", "bfloat16"))
+    training_params = train_jax.stacked(params)
+    (loss_32, grads_32), (loss_16, grads_16) = (grad(training_params, inputs[0], targets[0], None, 2, 0.0, d) for d in ("float32", "bfloat16"))
     assert float(loss_16) == pytest.approx(float(loss_32), rel=0.01)  # bfloat16 rounds to 2**-8 = 0.4%; the mean of 64 losses averages it
     g32, g16 = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(g)]) for g in (grads_32, grads_16))
     assert g16.dtype == np.float32 and g32 @ g16 / np.linalg.norm(g32) / np.linalg.norm(g16) > 0.99
-    optimizer, _ = train_jax.make_optimizer(params, 1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
+    optimizer, _ = train_jax.make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
     new_state, _ = jitted_step(optimizer, "bfloat16")(train_jax.init_state(params, optimizer, 0), inputs, targets)
     assert {a.dtype for a in jax.tree.leaves(new_state["params"])} == {np.dtype("float32")}
 
@@ -341,6 +341,57 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run_step_for_step(data_dir
     for a, b in zip(jax.tree.leaves(rest["state"]), jax.tree.leaves(whole["state"])):
         np.testing.assert_array_equal(a, b)
     assert whole["losses"][12] < whole["losses"][1]
+
+
+def test_the_train_state_stacks_the_blocks_so_its_leaves_do_not_grow_with_depth():
+    import jax
+
+    optimizer, _ = train_jax.make_optimizer(1e-2, 1e-3, 0, 10, 0.1, 0.9, 0.95, 1.0)
+    counts = {}
+    for n_layer in (2, 4):
+        params = train_jax.init_params({"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": n_layer}, seed=0)
+        state = jax.eval_shape(lambda: train_jax.init_state(params, optimizer, 0))
+        for tree in (state["params"], state["opt_state"][1][0].mu, state["opt_state"][1][0].nu):  # AdamW's moments too
+            assert {p: a.shape for p, a in flatten(tree).items() if p.startswith("blocks/")} == {
+                "blocks/" + p.split("/", 2)[2]: (n_layer, *a.shape) for p, a in flatten(params).items() if p.startswith("blocks/0/")
+            }
+        counts[n_layer] = len(jax.tree.leaves(state["params"])), len(jax.tree.leaves(state["opt_state"]))
+    assert counts[2] == counts[4] == (12 + 4, 2 * (12 + 4) + 2)  # a block's 12 arrays, wte/wpe/ln_f; mu, nu and two counts
+    stacked = train_jax.stacked(params)
+    assert all((np.asarray(a) == flatten(params)[p]).all() for p, a in flatten(train_jax.unstacked(stacked)).items())
+
+
+def test_checkpoints_keep_the_list_of_blocks_on_disk(data_dir, tmp_path):
+    """What runs saved before training stacked its blocks: restore_checkpoint reads a state that
+    orbax saved with the list of blocks, and a run's own checkpoint is that layout (run_params)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
+    state = summary["state"]
+    _, _, params = train_jax.run_params(str(tmp_path / "run"), step=2)
+    assert len(params["blocks"]) == 2 and {p: list(a.shape) for p, a in flatten(params).items()} == expected_shapes(
+        {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
+    )
+    assert all((np.asarray(a) == params_at).all() for a, params_at in zip(
+        jax.tree.leaves(train_jax.unstacked(state["params"])), jax.tree.leaves(params)))  # fmt: skip
+    adam = state["opt_state"][1][0]
+    listed = lambda tree: {**tree, "blocks": [jax.tree.map(lambda a: np.asarray(a)[i], tree["blocks"]) for i in range(2)]}
+    old_layout = {**state, "params": listed(state["params"]), "opt_state": (state["opt_state"][0], (
+        adam._replace(mu=listed(adam.mu), nu=listed(adam.nu)), *state["opt_state"][1][1:]))}  # fmt: skip
+    run = train_jax.checkpoint_manager(str(tmp_path / "run"), 3)  # the run's own step 2 is that layout, moments too
+    on_disk = run.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(old_layout)))["state"]
+    for a, b in zip(jax.tree.leaves(on_disk), jax.tree.leaves(old_layout)):
+        np.testing.assert_array_equal(a, b)
+    manager = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(old_layout), loader=ocp.args.JsonSave({"seed": 0, "next_batch": 7}))
+    manager.save(7, args=args)
+    manager.wait_until_finished()
+    restored, loader = train_jax.restore_checkpoint(manager, 7, state)
+    assert loader == {"seed": 0, "next_batch": 7}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
@@ -443,7 +494,7 @@ def test_tensorboard_curves_go_on_after_a_resume(data_dir, tmp_path):
     assert sorted(steps) == sorted([*train_tags, "eval/train_loss", "eval/val_loss"])
     losses = {**first["losses"], **rest["losses"]}
     assert {step: values["train/loss", step] for step in losses} == {step: float(np.float32(v)) for step, v in losses.items()}
-    schedule = train_jax.make_optimizer(first["state"]["params"], **{k: tiny_flags(data_dir, "", **flags)[k] for k in train_jax.OPTIMIZER_FLAGS})[1]
+    schedule = train_jax.make_optimizer(**{k: tiny_flags(data_dir, "", **flags)[k] for k in train_jax.OPTIMIZER_FLAGS})[1]
     assert values["train/lr", 8] == float(np.float32(schedule(7)))  # the rate step 8 was taken with
     assert all(values["train/grad_norm", s] > 0 for s in (2, 4, 6, 8, 10))
 
@@ -503,11 +554,11 @@ def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
     train_jax.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
     encoder, hparams, params = load_encoder_hparams_and_params(str(tmp_path / "model"))
     assert hparams == {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
-    trained = {p: np.asarray(a) for p, a in flatten(summary["state"]["params"]).items()}
+    trained = {p: np.asarray(a) for p, a in flatten(train_jax.unstacked(summary["state"]["params"])).items()}
     manager = train_jax.checkpoint_manager(str(tmp_path / "run"), 3)
     if summary["best_step"] != 6:  # export took the best step, not the last
         best, _ = train_jax.restore_checkpoint(manager, summary["best_step"], summary["state"])
-        trained = {p: np.asarray(a) for p, a in flatten(best["params"]).items()}
+        trained = {p: np.asarray(a) for p, a in flatten(train_jax.unstacked(best["params"])).items()}
     assert all((flatten(params)[p] == a).all() for p, a in trained.items())
     inputs = np.array(encoder.encode("ROMEO: speak"))
     expected = gpt2.gpt2(inputs, **unflatten(trained, 2), n_head=2)
