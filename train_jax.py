@@ -57,12 +57,17 @@ from sharding import (
     topology_devices,
 )
 from utils import (
+    HF_FILES,
     VOCAB_FILES,
     copy_vocab,
+    download_hf_files,
     encode_prompt,
     expected_shapes,
     flatten,
+    folder_layout,
+    hf_hparams,
     import_tensorflow,
+    is_hub_id,
     load_encoder_hparams_and_params,
     load_hparams,
     resolve_model_dir,
@@ -975,8 +980,14 @@ def run_params(ckpt_dir, step=None):
     except (ValueError, OSError, KeyError, TypeError) as e:  # as restore_checkpoint: never pickle
         raise UserError(f"the checkpoint {os.path.join(manager.directory, str(step))} cannot be read ({type(e).__name__}): "
                         f"move that folder away to use another step (the run has {list(manager.all_steps())})")  # fmt: skip
-    n_vocab = len(load_encoder(ckpt_dir).encoder)
-    return step, {**config["hparams"], "n_vocab": n_vocab}, model_params(params, n_vocab)
+    hparams = run_hparams(ckpt_dir, config)
+    return step, hparams, model_params(params, hparams["n_vocab"])
+
+
+def run_hparams(ckpt_dir, config):
+    """The hparams of a run (its config.json's) as those of a model folder: a padded --vocab_size is cut
+    back to the run's vocabulary."""
+    return {**config["hparams"], "n_vocab": len(load_encoder(ckpt_dir).encoder)}
 
 
 EXPORT_FORMATS = {"release": save_gpt2_checkpoint, "hf": save_hf_checkpoint}
@@ -1013,7 +1024,8 @@ RELEASED_HPARAMS = {  # OpenAI's hparams.json of each release, so that no weight
 
 def model_shape(flags):
     """The hparams a run of `flags` trains, without loading weights: the scratch flags (the data's
-    vocabulary when --vocab_size is 0), a released size, or a model folder's hparams.json."""
+    vocabulary when --vocab_size is 0), a released size, or the model --init_from names in any layout
+    (of a hub id, only config.json is fetched)."""
     if flags["init_from"] == "scratch":
         if not flags["vocab_size"] and not os.path.isfile(os.path.join(flags["data_dir"], "meta.json")):
             raise UserError(f"--data_dir {flags['data_dir']} has no meta.json to read the vocabulary from: give --vocab_size, e.g. 50304")
@@ -1021,9 +1033,20 @@ def model_shape(flags):
         return {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
     if flags["init_from"] in RELEASED_HPARAMS:
         return RELEASED_HPARAMS[flags["init_from"]]
-    if not os.path.isfile(os.path.join(flags["init_from"], "hparams.json")):
-        raise UserError(f"--init_from {flags['init_from']!r} is not a model folder (no hparams.json): give one, or {', '.join(RELEASED_HPARAMS)}")
-    return load_hparams(flags["init_from"])
+    model_dir = str(flags["init_from"])
+    if not os.path.isdir(model_dir) and is_hub_id(model_dir):
+        return hf_hparams(download_hf_files(model_dir, "init_from", HF_FILES[:1]))
+    layout = folder_layout(model_dir) if os.path.isdir(model_dir) else None
+    if layout == "run":
+        return run_hparams(model_dir, read_config(model_dir, "init_from"))
+    if layout == "hf":
+        return hf_hparams(model_dir)
+    if layout is None or not os.path.isfile(os.path.join(model_dir, "hparams.json")):
+        raise UserError(
+            f"--init_from {model_dir!r} is no model folder (no hparams.json, no Hugging Face config.json, no training "
+            f"run) and no hub id: give one, or {', '.join(RELEASED_HPARAMS)}"
+        )
+    return load_hparams(model_dir)
 
 
 def abstract_params(hparams):

@@ -180,9 +180,10 @@ def is_hub_id(name):
     return name in HUB_NAMES or (owner_name is not None and not os.path.exists(name))
 
 
-def download_hf_files(repo_id, flag):
-    """The folder holding a hub repo's GPT-2 files, fetched by huggingface_hub into its cache (resumed
-    there, from HF_ENDPOINT, not at all with HF_HUB_OFFLINE=1); config.json is checked before the weights."""
+def download_hf_files(repo_id, flag, names=HF_FILES):
+    """The folder holding a hub repo's GPT-2 files (`names`, config.json first: HF_FILES[:1] for the
+    model's shape alone), fetched by huggingface_hub into its cache (resumed there, from HF_ENDPOINT,
+    not at all with HF_HUB_OFFLINE=1); config.json is checked before the weights."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -199,7 +200,7 @@ def download_hf_files(repo_id, flag):
     try:
         model_dir = os.path.dirname(hf_hub_download(repo_id, name))
         hf_hparams(model_dir)  # not a GPT-2: say so before fetching gigabytes
-        for name in HF_FILES[1:]:
+        for name in names[1:]:
             hf_hub_download(repo_id, name)
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated on the hub: accept its terms there and log in (`hf auth login`), or {fix}")

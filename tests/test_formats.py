@@ -227,6 +227,23 @@ def test_hub_errors_are_one_line(hf_folder, tmp_path):
     assert "is not in the Hugging Face cache" in offline
 
 
+def test_compile_takes_the_shape_of_any_init_from_and_fetches_only_a_hub_ids_config(hf_folder, tf_model, data_dir, tmp_path):  # noqa: F811
+    run_dir = str(tmp_path / "run")
+    train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=run_dir, max_iters=1, **{**TINY, "vocab_size": 128}, **QUIET))
+    for model in (tf_model[0], hf_folder, run_dir):  # the shape fine-tuning loads, its padded vocabulary cut back
+        assert train_jax.model_shape(train_jax.default_flags(init_from=model)) == load_encoder_hparams_and_params(model)[1]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1"}
+    compile_args = [sys.executable, "train_jax.py", "compile", "--block_size=16", "--batch_size=1", "--init_from"]
+    with serve(hub_files(hf_folder, "me/small"), hub_commit=COMMIT) as server:
+        from_hub = subprocess.run([*compile_args, "me/small"], cwd=ROOT, capture_output=True, text=True, env={**env, "HF_ENDPOINT": server.url})
+    from_folder = subprocess.run([*compile_args, hf_folder], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert from_hub.returncode == 0 and from_folder.returncode == 0, from_hub.stderr[-2000:] + from_folder.stderr[-2000:]
+    assert from_hub.stdout == from_folder.stdout and from_hub.stdout.strip().endswith(": fits")
+    assert {path.rsplit("/", 1)[-1] for path, _ in server.requests if "/resolve/main/" in path} == {"config.json"}  # HEAD, GET
+    with pytest.raises(UserError, match="is no model folder .* and no hub id"):
+        train_jax.model_shape(train_jax.default_flags(init_from=str(tmp_path)))
+
+
 @pytest.mark.slow  # huggingface_hub retries a refused connection for about 25 s
 def test_no_network_is_one_error_after_huggingface_hubs_retries(tmp_path):
     with serve({}) as server:
