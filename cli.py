@@ -6,6 +6,9 @@ import inspect
 import os
 import re
 import sys
+import types
+
+PLAIN_PROGRESS_S = 30.0  # off a terminal: a progress line at most this often, none for shorter steps
 
 
 class UserError(Exception):
@@ -74,6 +77,26 @@ def check_number(value, flag, low, high):
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
+
+
+def progress(iterable=None, **bar):
+    """tqdm's bar (`bar`: its keyword arguments) on a terminal. Off one (a pod's log, `> run.log`), the
+    bar's text as plain lines instead of carriage-return redraws: none for a step shorter than
+    PLAIN_PROGRESS_S, else one every PLAIN_PROGRESS_S seconds and the last."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, **bar)
+    printed = [""]
+
+    def write(text):  # tqdm redraws as '\r' + text + padding; closing repeats the last count, rate updated
+        count = text.strip().split(" [")[0]
+        if count not in ("", printed[0]):
+            printed[0] = count
+            log(text.strip())
+
+    every = dict(delay=PLAIN_PROGRESS_S, mininterval=PLAIN_PROGRESS_S, maxinterval=PLAIN_PROGRESS_S)
+    return tqdm(iterable, **{**bar, "leave": True}, file=types.SimpleNamespace(write=write, flush=lambda: None), **every)
 
 
 def check_seed(seed):

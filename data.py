@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from cli import UserError, check_folder, log
+from cli import UserError, check_folder, log, progress
 from encoder import bytes_to_unicode, load_encoder
 from sharding import process_rows
 from utils import VOCAB_FILES, base_url, download_file
@@ -357,10 +357,8 @@ def prepare(
 
 def encode_inputs(paths, out, tokenizer, val_fraction, vocab_dir, text_field, num_proc, shard_tokens):
     """Write the data folder's files into `out`; returns its meta.json."""
-    from tqdm import tqdm
-
     total = sum(os.path.getsize(path) for path in paths)
-    bar = lambda desc: tqdm(desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+    bar = lambda desc: progress(desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
     if tokenizer == "bytes":
         with bar("bytes") as b:
             present = byte_vocabulary(paths, b)

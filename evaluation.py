@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from cli import UserError, check_folder, check_positive_int, log
+from cli import UserError, check_folder, check_positive_int, log, progress
 from data import load_split, outside_vocabulary, split_ids
 from gpt2 import gpt2
 from sharding import batch_sharding, check_fits, device_mesh, gathered, param_shardings, place, process_rows
@@ -67,13 +67,11 @@ def split_loss(score, split, n_ctx, n_rows, eval_tokens=0):
     """(mean loss, tokens predicted) over the split's ids in windows of n_ctx + 1 advancing by n_ctx:
     every id after the first (or the first eval_tokens of them) is predicted once, with the window's
     ids before it as context; the last window is padded and masked."""
-    from tqdm import tqdm
-
     n_ids = sum(len(ids) for ids in split["shards"])
     n_predicted = min(eval_tokens, n_ids - 1) if eval_tokens else n_ids - 1
     n_windows = math.ceil(n_predicted / n_ctx)
     total = 0.0
-    for first in tqdm(range(0, n_windows, n_rows), desc="loss", unit="batch", leave=False):
+    for first in progress(range(0, n_windows, n_rows), desc="loss", unit="batch", leave=False):
         inputs, targets = np.zeros((n_rows, n_ctx), np.int32), np.zeros((n_rows, n_ctx), np.int32)
         mask = np.zeros((n_rows, n_ctx), np.float32)
         for row, window in enumerate(range(first, min(first + n_rows, n_windows))):
@@ -155,10 +153,8 @@ def hellaswag_batch(rows, n_rows, n_ctx):
 def hellaswag_accuracy(score, examples, encoder, n_ctx, n_examples):
     """(acc, acc_norm): the share of examples whose labelled ending has the lowest summed loss (acc)
     and the lowest mean loss per token (acc_norm). A tie goes to the first ending (argmin)."""
-    from tqdm import tqdm
-
     correct, correct_norm = 0, 0
-    for first in tqdm(range(0, len(examples), n_examples), desc="hellaswag", unit="batch", leave=False):
+    for first in progress(range(0, len(examples), n_examples), desc="hellaswag", unit="batch", leave=False):
         batch = examples[first : first + n_examples]
         rows = [row for example in batch for row in hellaswag_rows(example, encoder, n_ctx)]
         inputs, targets, mask = hellaswag_batch(rows, n_examples * N_ENDINGS, n_ctx)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from cli import UserError, check_folder, check_positive_int, log
+from cli import UserError, check_folder, check_positive_int, log, progress
 from encoder import HF_VOCAB_NAMES, vocab_path
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
@@ -71,7 +71,6 @@ def fetch_once(url, path):
     """One GET into `path + '.part'`, resuming what it already holds; renamed to `path` when
     the size matches what the server promised."""
     import requests
-    from tqdm import tqdm
 
     part = path + ".part"
     start = os.path.getsize(part) if os.path.exists(part) else 0
@@ -93,7 +92,7 @@ def fetch_once(url, path):
         mode = "ab" if start else "wb"
         name = os.path.basename(path)
         try:
-            with open(part, mode) as f, tqdm(
+            with open(part, mode) as f, progress(
                 desc=name, total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, leave=False
             ) as bar:
                 # read1 hands over every byte that arrived before a broken connection: the retry resumes there

@@ -99,3 +99,27 @@ def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: unknown --model_size '../x': it is neither one of 124M, 355M, 774M, 1558M nor an existing checkpoint folder"
     ]
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_none_for_a_short_step(monkeypatch, capsys):
+    import cli
+
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_S", 0.0)  # every update is past the interval
+    for _ in cli.progress(range(3), desc="work", leave=False):
+        pass
+    lines = capsys.readouterr().err.splitlines(keepends=True)
+    assert all(line.startswith("work: ") and line.endswith("\n") and "\r" not in line for line in lines)
+    assert [line.split(" [")[0] for line in lines][-1] == "work: 100%|##########| 3/3"  # the last count, once
+    assert len({line.split(" [")[0] for line in lines}) == len(lines)
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_S", 30.0)
+    for _ in cli.progress(range(3), desc="short"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_prepare_writes_no_carriage_returns_into_a_log(tmp_path):
+    (tmp_path / "input.txt").write_text("ROMEO: a line of text.\n" * 200)
+    args = ["train_jax.py", "prepare", "--input", str(tmp_path / "input.txt"), "--out", str(tmp_path / "data"), "--tokenizer", "bytes"]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, timeout=300)  # bytes: text mode reads \r as \n
+    assert done.returncode == 0, done.stderr
+    assert b"\r" not in done.stderr and done.stderr.strip().endswith(b"vocabulary of 17 (bytes)")
