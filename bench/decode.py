@@ -9,9 +9,10 @@ any model folder (or hub id) is read as it is.
 A 10-token prompt, greedy. Decode tokens/s is compared with the bound that memory bandwidth sets at
 batch 1 (every token reads every weight once), measured here as a matrix-vector product over a
 matrix as large as the model. A shared machine's bandwidth moves from minute to minute, so batch-1
-float32 is measured in --rounds rounds, each a bandwidth probe right before a decode run, and its
-share of the bound is the median of the rounds' shares. Also prints the time to first token of a
-fresh process, by stage.
+float32 (jax) is measured in --rounds runs of decode steps, each step followed by XLA's matvec (not
+NumPy's: OpenBLAS's threads spin on after a call and slow the next step): its tokens/s is that of
+the median step, its share of the bound the median over the steps of matvec time / step time. Also
+prints the time to first token of a fresh process, by stage.
 """
 
 import os
@@ -33,23 +34,27 @@ from load import SHAPES, hparams_of, random_checkpoint  # noqa: E402
 N_PROMPT = 10
 
 
-def matvec_bandwidth(n_bytes):
-    """A probe: each call returns the GB/s of NumPy and of XLA through x @ W (best of 5), W a float32
-    matrix of n_bytes made once."""
+def matvec_runs(n_bytes):
+    """{numpy, jax: a function running x @ W once}, W a float32 matrix of n_bytes, made once and held
+    once (device_put copies it; NumPy reads the device's copy): the model's pages stay in memory."""
     import jax
 
-    w = np.random.default_rng(0).random((4096, n_bytes // 4 // 4096), np.float32)  # [4096, n]
+    wj = jax.device_put(np.random.default_rng(0).random((4096, n_bytes // 4 // 4096), np.float32))  # [4096, n]
+    w = np.asarray(wj)  # a view of the device buffer on a CPU
     x = np.ones((1, 4096), np.float32)
     matvec = jax.jit(lambda x, w: x @ w)
-    wj = jax.device_put(w)
     runs = {"numpy": lambda: x @ w, "jax": lambda: matvec(x, wj).block_until_ready()}
     for run in runs.values():
         run()
+    return runs
 
-    def probe():
-        return {name: w.nbytes / min(timed(run) for _ in range(5)) / 1e9 for name, run in runs.items()}
 
-    return probe
+def paired_steps(params, n_head, n_new, probe):
+    """(decode step s, probe s) of each batch-1 decode step after the first, `probe` run right after
+    the step: both read as many bytes on the same machine at the same moment."""
+    tokens = gpt2.stream([list(range(100, 100 + N_PROMPT))], params, n_head, n_new, "jax")
+    next(tokens)  # prefill, and the first step
+    return [(timed(lambda: next(tokens)), timed(probe)) for _ in range(n_new - 1)]
 
 
 def timed(fn):
@@ -109,13 +114,13 @@ def model_folder(model_size):
 
 def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy:float32,jax:bfloat16", rounds=3):
     model_dir = model_folder(str(model_size))
-    batches = [int(b) for b in str(batches).split(",")]
+    batches = [int(b) for b in (batches if isinstance(batches, tuple) else str(batches).split(","))]  # fire reads 1,16 as (1, 16)
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))  # warms the cache too
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))
     _, hparams, params = utils.load_encoder_hparams_and_params(model_dir)
     n_bytes = sum(a.nbytes for a in utils.flatten(params).values())
-    probe = matvec_bandwidth(n_bytes)
-    bandwidth = probe()
+    runs = matvec_runs(n_bytes)
+    bandwidth = {name: n_bytes / min(timed(run) for _ in range(5)) / 1e9 for name, run in runs.items()}
     bound = max(bandwidth.values()) * 1e9 / n_bytes
     print(f"weights {n_bytes / 1e6:.0f} MB (float32); matvec bandwidth: numpy {bandwidth['numpy']:.1f} GB/s, "
           f"jax {bandwidth['jax']:.1f} GB/s -> batch-1 bound {bound:.1f} tokens/s")
@@ -127,16 +132,17 @@ def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy
         for batch in batches:
             compile_s, prefill, decode = measure(on_backend, hparams["n_head"], backend, batch, n_new)
             share = ""
-            if batch == 1 and dtype == "float32":
-                decodes, shares = [], []
-                for _ in range(rounds):  # the probe right before each run: both see the same machine
-                    round_bound = max(probe().values()) * 1e9 / n_bytes
-                    decodes.append(measure(on_backend, hparams["n_head"], backend, batch, n_new)[2])
-                    shares.append(decodes[-1] / round_bound)
-                    print(f"  round: bound {round_bound:.2f} tokens/s, decode {decodes[-1]:.2f} tokens/s, {shares[-1]:.0%}", flush=True)
-                decode, share = float(np.median(decodes)), f"{float(np.median(shares)):8.0%}"
+            if batch == 1 and dtype == "float32" and backend == "jax":
+                pairs = [pair for _ in range(rounds) for pair in paired_steps(on_backend, hparams["n_head"], n_new, runs["jax"])]
+                step_s, probe_s = (float(np.median(times)) for times in zip(*pairs))
+                shares = [probe / step for step, probe in pairs]
+                print(f"  {len(pairs)} decode steps, each followed by an XLA matvec over {n_bytes / 1e6:.0f} MB: median step "
+                      f"{step_s * 1e3:.1f} ms, median matvec {probe_s * 1e3:.1f} ms ({n_bytes / probe_s / 1e9:.1f} GB/s); "
+                      f"step's share of its matvec's bound: median {np.median(shares):.0%}, quartiles "
+                      f"{np.percentile(shares, 25):.0%}-{np.percentile(shares, 75):.0%}", flush=True)
+                decode, share = 1 / step_s, f"{float(np.median(shares)):8.0%}"
             print(f"{backend:8} {dtype:9} {batch:5d} {load:7.2f} {compile_s:9.2f} {prefill:13.1f} {decode:12.1f} {share}", flush=True)
-    del probe
+    del runs
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp()  # starts empty: the first run compiles
     for run in ("first run (compiles)", "later run (compiled programs from disk)"):
         import_s, load_s, first_token_s = startup(model_dir)
