@@ -1,6 +1,6 @@
 """Generation speed: load, compile, prefill and decode, per backend and dtype.
 
-    python bench/decode.py [--model_size 124M|355M|774M|1558M|FOLDER] [--n_new 40] [--batches 1,16] [--rounds 3]
+    python bench/decode.py [--model_size 124M|355M|774M|1558M|FOLDER] [--n_new 40] [--batches 1,16] [--rounds 15]
                            [--configs jax:float32,numpy:float32,jax:bfloat16]
 
 A released size is a checkpoint of that shape with random weights, written once under bench_models/;
@@ -9,10 +9,11 @@ any model folder (or hub id) is read as it is.
 A 10-token prompt, greedy. Decode tokens/s is compared with the bound that memory bandwidth sets at
 batch 1 (every token reads every weight once), measured here as a matrix-vector product over a
 matrix as large as the model. A shared machine's bandwidth moves from minute to minute, so batch-1
-float32 (jax) is measured in --rounds runs of decode steps, each step followed by XLA's matvec (not
-NumPy's: OpenBLAS's threads spin on after a call and slow the next step): its tokens/s is that of
-the median step, its share of the bound the median over the steps of matvec time / step time. Also
-prints the time to first token of a fresh process, by stage.
+float32 (jax) is measured in --rounds pairs: a stream's PAIRED_STEPS decode steps timed together (as
+gpt2.stream runs them, each queued before the host reads the one before), then as many of XLA's
+matvecs (not NumPy's: OpenBLAS's threads spin on after a call and slow the next step). Its tokens/s
+is that of the median pair, its share of the bound the median over the pairs of matvec time / step
+time. Also prints the time to first token of a fresh process, by stage.
 """
 
 import os
@@ -32,6 +33,7 @@ import utils  # noqa: E402
 from load import SHAPES, hparams_of, random_checkpoint  # noqa: E402
 
 N_PROMPT = 10
+PAIRED_STEPS = 8  # a pair takes about 2 s for 1558M here, 0.2 s for 124M
 
 
 def matvec_runs(n_bytes):
@@ -49,12 +51,14 @@ def matvec_runs(n_bytes):
     return runs
 
 
-def paired_steps(params, n_head, n_new, probe):
-    """(decode step s, probe s) of each batch-1 decode step after the first, `probe` run right after
-    the step: both read as many bytes on the same machine at the same moment."""
-    tokens = gpt2.stream([list(range(100, 100 + N_PROMPT))], params, n_head, n_new, "jax")
-    next(tokens)  # prefill, and the first step
-    return [(timed(lambda: next(tokens)), timed(probe)) for _ in range(n_new - 1)]
+def paired_run(params, n_head, probe):
+    """(s per decode step, s per probe) of one stream's PAIRED_STEPS steps after its first, timed
+    together, and of as many probes run right after them: both read as many bytes per step on the
+    same machine at nearly the same moment."""
+    tokens = gpt2.stream([list(range(100, 100 + N_PROMPT))], params, n_head, PAIRED_STEPS + 1, "jax")
+    next(tokens)  # prefill, and the first step; the second is queued
+    step_s = timed(lambda: sum(1 for _ in tokens)) / PAIRED_STEPS
+    return step_s, timed(lambda: [probe() for _ in range(PAIRED_STEPS)]) / PAIRED_STEPS
 
 
 def timed(fn):
@@ -112,7 +116,7 @@ def model_folder(model_size):
     return utils.resolve_model_dir(model_size, "models")
 
 
-def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy:float32,jax:bfloat16", rounds=3):
+def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy:float32,jax:bfloat16", rounds=15):
     model_dir = model_folder(str(model_size))
     batches = [int(b) for b in (batches if isinstance(batches, tuple) else str(batches).split(","))]  # fire reads 1,16 as (1, 16)
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))  # warms the cache too
@@ -133,11 +137,11 @@ def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy
             compile_s, prefill, decode = measure(on_backend, hparams["n_head"], backend, batch, n_new)
             share = ""
             if batch == 1 and dtype == "float32" and backend == "jax":
-                pairs = [pair for _ in range(rounds) for pair in paired_steps(on_backend, hparams["n_head"], n_new, runs["jax"])]
+                pairs = [paired_run(on_backend, hparams["n_head"], runs["jax"]) for _ in range(rounds)]
                 step_s, probe_s = (float(np.median(times)) for times in zip(*pairs))
                 shares = [probe / step for step, probe in pairs]
-                print(f"  {len(pairs)} decode steps, each followed by an XLA matvec over {n_bytes / 1e6:.0f} MB: median step "
-                      f"{step_s * 1e3:.1f} ms, median matvec {probe_s * 1e3:.1f} ms ({n_bytes / probe_s / 1e9:.1f} GB/s); "
+                print(f"  {rounds} pairs of {PAIRED_STEPS} decode steps and {PAIRED_STEPS} XLA matvecs over {n_bytes / 1e6:.0f} MB: "
+                      f"median step {step_s * 1e3:.1f} ms, median matvec {probe_s * 1e3:.1f} ms ({n_bytes / probe_s / 1e9:.1f} GB/s); "
                       f"step's share of its matvec's bound: median {np.median(shares):.0%}, quartiles "
                       f"{np.percentile(shares, 25):.0%}-{np.percentile(shares, 75):.0%}", flush=True)
                 decode, share = 1 / step_s, f"{float(np.median(shares)):8.0%}"

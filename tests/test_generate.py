@@ -161,6 +161,26 @@ def test_jax_step_compiles_once(loaded, prompts_ids, caplog):
     assert compiled_again == 0
 
 
+def test_jax_stream_queues_the_next_step_before_handing_out_tokens(loaded, prompts_ids, monkeypatch):
+    """When a token reaches the caller, the step after it has been dispatched already (JAX runs it
+    while the host prints), and no step runs past the last token."""
+    _, hparams, params = loaded
+    jax_programs, slots = gpt2.jax_programs, []
+
+    def counting_programs(*shape):
+        prefill_batch, step = jax_programs(*shape)
+        return prefill_batch, lambda params, logits, cache, slot, *rest: slots.append(slot) or step(params, logits, cache, slot, *rest)
+
+    monkeypatch.setattr(gpt2, "jax_programs", counting_programs)
+    inputs = prompts_ids[0]
+    streamed = []
+    for tokens in gpt2.stream([inputs], gpt2.to_backend(params, "jax"), hparams["n_head"], 4, "jax"):
+        streamed.append((int(tokens[0]), len(slots)))
+    assert [n for _, n in streamed] == [2, 3, 4, 4]
+    assert slots == [len(inputs) + t for t in range(4)]
+    assert [token for token, _ in streamed] == gpt2.generate(inputs, params, hparams["n_head"], 4, "numpy")
+
+
 @pytest.fixture(scope="module")
 def wide_margin_model(tmp_path_factory, vocab_dir):
     """A checkpoint with logits ~40 wide."""
@@ -189,6 +209,17 @@ def test_compiled_step_updates_the_cache_in_place(loaded, batch):
     ops = [(line, match[1].split(",")) for line, match in zip(entry, result_dims) if match]
     assert not [line for line, dims in ops if str(n_max) in dims and " copy(" in line]
     assert sum("dynamic-update-slice" in line.split("=")[0] for line, _ in ops) == 2 * hparams["n_layer"]
+
+
+def test_cpu_step_keeps_each_reduction_one_kernel(loaded):
+    """XLA would split the layer norms' and softmax's reductions into reduce-windows and a reduce."""
+    _, hparams, params = loaded
+    n_head, n_max = hparams["n_head"], 20
+    _, step = gpt2.jax_programs(n_head, n_max, 1, 0.0, 0, 1.0)
+    logits, pad = np.zeros((1, hparams["n_vocab"]), np.float32), np.zeros(1, np.int32)
+    hlo = step.lower(params, logits, gpt2.empty_cache(params, n_head, n_max), 5, pad, jax.random.key(0)).compile().as_text()
+    assert " reduce(" in hlo
+    assert "reduce-window" not in hlo
 
 
 def test_bfloat16_greedy_matches_float32_where_margins_are_large(wide_margin_model):
