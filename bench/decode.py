@@ -68,7 +68,8 @@ def timed(fn):
 
 
 def measure(params, n_head, backend, batch, n_new):
-    """(first prefill s incl. compile, prefill tokens/s, decode tokens/s) for one configuration."""
+    """(compile s: the first run's extra time, None for NumPy, which compiles nothing; prefill
+    tokens/s; decode tokens/s) for one configuration."""
     prompts = [list(range(100, 100 + N_PROMPT))] * batch
 
     def run():
@@ -84,7 +85,7 @@ def measure(params, n_head, backend, batch, n_new):
     warm, steps_per_s = min(run() for _ in range(2))
     step_s = 1 / steps_per_s
     prefill_s = max(warm - step_s, 1e-9)
-    return cold - warm, batch * N_PROMPT / prefill_s, batch * steps_per_s
+    return None if backend == "numpy" else cold - warm, batch * N_PROMPT / prefill_s, batch * steps_per_s
 
 
 STARTUP = """
@@ -145,7 +146,7 @@ def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy
                       f"step's share of its matvec's bound: median {np.median(shares):.0%}, quartiles "
                       f"{np.percentile(shares, 25):.0%}-{np.percentile(shares, 75):.0%}", flush=True)
                 decode, share = 1 / step_s, f"{float(np.median(shares)):8.0%}"
-            print(f"{backend:8} {dtype:9} {batch:5d} {load:7.2f} {compile_s:9.2f} {prefill:13.1f} {decode:12.1f} {share}", flush=True)
+            print(f"{backend:8} {dtype:9} {batch:5d} {load:7.2f} {'-' if compile_s is None else f'{compile_s:.2f}':>9} {prefill:13.1f} {decode:12.1f} {share}", flush=True)
     del runs
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp()  # starts empty: the first run compiles
     for run in ("first run (compiles)", "later run (compiled programs from disk)"):
