@@ -209,6 +209,7 @@ def temporary_dirs(out_dir):
     return [n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n] if os.path.isdir(folder) else []
 
 
+@pytest.mark.slow  # 40 s; the default run keeps a SIGKILLed resume (test_train) and a half-written checkpoint (below)
 def test_killed_at_random_moments_and_mid_save_the_run_ends_bit_exact(data_dir, tmp_path):
     """SIGKILL three times, the second one while a checkpoint is being written; each restart
     resumes from the last complete checkpoint, and the finished params are the uninterrupted run's."""
