@@ -32,6 +32,11 @@ DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 CACHE_FILE = "model.ckpt.safetensors"
 OLD_CACHE_FILE = "params.npz"
 FINGERPRINT_KEY = "fingerprint"
+# The cache keeps every block's matrices transposed, [n_out, n_in]: a decode step then reads each output's
+# weights as one contiguous row, which XLA's CPU matvec does about 15% faster for 1558M than contracting
+# the rows of [n_in, n_out] (see gpt2.to_backend). Part of the fingerprint: a cache of another layout is
+# rebuilt once.
+CACHE_LAYOUT = "blocks' matrices [n_out, n_in]"
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
 HF_FILES = (HF_CONFIG, HF_WEIGHTS, *HF_VOCAB_NAMES.values())
 # The hub's GPT-2 repos, also known by their old bare names (gpt2 ... gpt2-xl).
@@ -282,8 +287,9 @@ def load_hparams(model_dir):
 
 
 def checkpoint_fingerprint(model_dir):
-    """Changes whenever the TF checkpoint does: the index holds a checksum of every tensor."""
-    digest = hashlib.sha256()
+    """Changes whenever the TF checkpoint does (the index holds a checksum of every tensor) or the
+    cache's layout does."""
+    digest = hashlib.sha256(CACHE_LAYOUT.encode())
     for name in CKPT_FILES[:3]:
         path = os.path.join(model_dir, name)
         digest.update(f"{name}:{os.path.getsize(path)}:{os.stat(path).st_mtime_ns}".encode())
@@ -453,8 +459,14 @@ def read_hf_params(path):
     return flat, metadata
 
 
+def stored_transposed(path):
+    """Whether the cache keeps this param transposed (CACHE_LAYOUT): the blocks' matrices."""
+    return path.startswith("blocks/") and path.endswith("/w")
+
+
 def read_cache(path, fingerprint):
-    """The cached {path: array} (memory-mapped), or None when it is missing, stale or unreadable."""
+    """The cached {path: array} (memory-mapped), or None when it is missing, stale or unreadable. A
+    matrix stored transposed comes back as a view of its stored self, `.T`: [n_in, n_out] as everywhere."""
     try:
         flat, metadata = read_hf_params(path)
     except FileNotFoundError:
@@ -462,15 +474,18 @@ def read_cache(path, fingerprint):
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         log(f"ignoring unreadable cache {path} ({type(e).__name__}); rebuilding it")
         return None
-    return flat if metadata.get(FINGERPRINT_KEY) == fingerprint else None
+    if metadata.get(FINGERPRINT_KEY) != fingerprint:
+        return None
+    return {p: a.T if stored_transposed(p) else a for p, a in flat.items()}
 
 
 def write_cache(model_dir, flat, fingerprint):
-    """The cache beside the checkpoint, in HF's names with the checkpoint's fingerprint; an old
-    params.npz cache goes once it is replaced. True when written."""
+    """The cache beside the checkpoint, in HF's names (the blocks' matrices transposed, CACHE_LAYOUT)
+    with the checkpoint's fingerprint; an old params.npz cache goes once it is replaced. True when written."""
     path = os.path.join(model_dir, CACHE_FILE)
+    stored = {path_to_hf_name(p): a.T if stored_transposed(p) else a for p, a in flat.items()}
     try:
-        write_safetensors(path, {path_to_hf_name(p): a for p, a in flat.items()}, {"format": "pt", FINGERPRINT_KEY: fingerprint})
+        write_safetensors(path, stored, {"layout": CACHE_LAYOUT, FINGERPRINT_KEY: fingerprint})
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(model_dir, OLD_CACHE_FILE))
         return True

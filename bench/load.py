@@ -100,7 +100,7 @@ def logits_difference(model_dir):
     inputs = np.random.default_rng(1).integers(0, hparams["n_vocab"], 64)  # [64]
     numpy_logits = gpt2.gpt2(inputs, **params, n_head=hparams["n_head"])  # [64, n_vocab]
     forward = jax.jit(gpt2.gpt2, static_argnames="n_head")
-    jax_logits = np.asarray(forward(inputs, **jax.device_put(params), n_head=hparams["n_head"]))
+    jax_logits = np.asarray(forward(inputs, **gpt2.to_backend(params, "jax"), n_head=hparams["n_head"]))
     return np.abs(numpy_logits - jax_logits).max(), np.abs(numpy_logits).max()
 
 

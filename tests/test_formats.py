@@ -6,6 +6,7 @@ hand from the TensorFlow-written checkpoint; the hub is the local HTTP server an
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,46 @@ def test_an_old_params_npz_is_replaced_by_the_safetensors_cache(model_copy):
     load_encoder_hparams_and_params(model_copy)
     assert os.path.exists(os.path.join(model_copy, CACHE_FILE))
     assert not os.path.exists(os.path.join(model_copy, OLD_CACHE_FILE))
+
+
+def test_the_cache_keeps_the_blocks_matrices_transposed_and_loads_them_as_tensorflow_wrote_them(tf_model, model_copy):
+    """Read by the safetensors library: the blocks' matrices [n_out, n_in], the rest as TF wrote it;
+    loaded, every param is TF's [n_in, n_out] again."""
+    from safetensors import safe_open
+
+    _, _, params = load_encoder_hparams_and_params(model_copy)
+    with safe_open(os.path.join(model_copy, CACHE_FILE), framework="numpy") as f:
+        assert set(f.keys()) == {hf_name(name, "transformer.") for name in tf_model[1]}
+        assert f.metadata()["layout"] == "blocks' matrices [n_out, n_in]"
+        for name, array in tf_model[1].items():
+            matrix = array.ndim == 3  # a conv weight [1, n_in, n_out]
+            np.testing.assert_array_equal(f.get_tensor(hf_name(name, "transformer.")), array[0].T if matrix else array, err_msg=name)
+    loaded = flatten(params)
+    for name, array in tf_model[1].items():
+        path = re.sub(r"^h(\d+)/", r"blocks/\1/", name.removeprefix("model/"))
+        np.testing.assert_array_equal(loaded[path], array[0] if array.ndim == 3 else array, err_msg=name)
+
+
+def test_a_cache_of_the_untransposed_layout_is_rebuilt(tf_model, model_copy):
+    """The layout is part of the fingerprint: a cache in HF's [n_in, n_out] with the checkpoint's
+    fingerprint as computed before the layout changed is converted again, not misread."""
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    digest = hashlib.sha256()  # the fingerprint of the earlier layout: the files alone
+    for name in ("checkpoint", "model.ckpt.data-00000-of-00001", "model.ckpt.index"):
+        path = os.path.join(model_copy, name)
+        digest.update(f"{name}:{os.path.getsize(path)}:{os.stat(path).st_mtime_ns}".encode())
+    digest.update(open(os.path.join(model_copy, "model.ckpt.index"), "rb").read())
+    old = {hf_name(name, "transformer."): np.ascontiguousarray(a[0] if a.ndim == 3 else a) for name, a in tf_model[1].items()}
+    save_file(old, os.path.join(model_copy, CACHE_FILE), metadata={"format": "pt", "fingerprint": digest.hexdigest()})
+    _, _, params = load_encoder_hparams_and_params(model_copy)
+    np.testing.assert_array_equal(params["blocks"][0]["attn"]["c_proj"]["w"], tf_model[1]["model/h0/attn/c_proj/w"][0])  # square: misread, it would be its transpose
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_copy, CACHE_FILE), framework="numpy") as f:
+        assert "layout" in f.metadata()
 
 
 def test_cached_params_are_views_of_the_memory_mapped_cache(model_copy):

@@ -211,6 +211,39 @@ def test_compiled_step_updates_the_cache_in_place(loaded, batch):
     assert sum("dynamic-update-slice" in line.split("=")[0] for line, _ in ops) == 2 * hparams["n_layer"]
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_weights_stored_transposed_go_on_the_device_as_stored_and_compute_the_same(loaded, prompts_ids, batch):
+    """The cache's [n_out, n_in] block matrices become `w_t` without a copy, on the device and in the
+    compiled step (XLA copied a transposed weight once per step when asked to: 10x slower), and give
+    the logits and tokens that the same weights in [n_in, n_out] give."""
+    from utils import flatten, unflatten
+
+    _, hparams, params = loaded
+    n_head, n_layer = hparams["n_head"], hparams["n_layer"]
+    stored = gpt2.to_backend(params, "jax")
+    plain = gpt2.to_backend(unflatten({p: np.ascontiguousarray(a) for p, a in flatten(params).items()}, n_layer), "jax")
+    for block, on_device in zip(params["blocks"], stored["blocks"]):
+        for group, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+            w, w_t = block[group][name]["w"], on_device[group][name]["w_t"]
+            assert on_device[group][name].keys() == {"w_t", "b"} and w_t.shape == w.shape[::-1]
+            assert w_t.unsafe_buffer_pointer() == w.T.ctypes.data  # the memory-mapped cache itself
+    assert plain["blocks"][0]["mlp"]["c_fc"].keys() == {"w", "b"}
+    prompts = prompts_ids[:batch]
+    assert gpt2.generate_batch(prompts, stored, n_head, 8) == gpt2.generate_batch(prompts, plain, n_head, 8)
+
+    n_max = 20
+    prefill, step = gpt2.jax_programs(n_head, n_max, batch, 0.0, 0, 1.0)
+    inputs, pad = np.full((batch, 6), 100, np.int32), np.zeros(batch, np.int32)
+    (logits, cache), (plain_logits, _) = prefill(stored, inputs, pad), prefill(plain, inputs, pad)
+    tolerance = float32_tolerance(np.abs(np.asarray(plain_logits)).max(), forward_length(hparams, 6))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(plain_logits), atol=tolerance, rtol=0)
+    hlo = step.lower(stored, logits, cache, 6, pad, jax.random.key(0)).compile().as_text()
+    n_embd = hparams["n_embd"]
+    weight_shapes = {f"[{a},{b}]" for m in (3, 4) for a, b in ((m * n_embd, n_embd), (n_embd, m * n_embd))}
+    results = [re.search(r"= f32(\[[0-9,]*\])", line) for line in hlo.splitlines() if "parameter(" not in line]
+    assert not {match[1] for match in results if match} & weight_shapes  # in the program and inside its fusions
+
+
 def test_cpu_step_keeps_each_reduction_one_kernel(loaded):
     """XLA would split the layer norms' and softmax's reductions into reduce-windows and a reduce."""
     _, hparams, params = loaded
