@@ -158,11 +158,19 @@ def empty_cache(params, n_head, n_max):
     return [(zeros((n_head, d, n_max)), zeros((n_head, n_max, d))) for _ in params["blocks"]]
 
 
-def prefill(params, inputs, pad, n_head, n_max, block=transformer_block):  # [n_slots] -> [n_vocab], cache
+def last_logits(h, wte, ln_f):  # [..., n_new, n_embd] -> [..., n_vocab]
+    """The logits after the last of the final states (layer-normed here)."""
+    return unembed(layer_norm(h[..., -1:, :], **ln_f), wte)[..., 0, :]
+
+
+def prefill(params, inputs, pad, n_head, n_max, block=transformer_block, embed=embed, head=last_logits):  # [n_slots] -> [n_vocab], cache
     """Run the prompt, left-padded with `pad` slots, into a fresh cache of n_max slots; return the
-    logits after its last token."""
-    logits, cache = gpt2(inputs, **params, n_head=n_head, cache=empty_cache(params, n_head, n_max), pad=pad, block=block)
-    return logits[-1], cache
+    logits after its last token. One call per stage and layer: jax_programs passes compiled ones."""
+    x, cache = embed(inputs, params["wte"], params["wpe"], 0, pad), []  # [n_slots, n_embd]
+    for weights, kv_cache in zip(params["blocks"], empty_cache(params, n_head, n_max)):
+        x, kv_cache = block(x, **weights, n_head=n_head, kv_cache=kv_cache, start=0, pad=pad)
+        cache.append(kv_cache)
+    return head(x, params["wte"], params["ln_f"]), cache
 
 
 def decode(params, token, cache, slot, pad, n_head, block=transformer_block):  # [1] -> [n_vocab], cache
@@ -213,20 +221,12 @@ def jax_programs(n_head, n_max, batch, temperature, top_k, top_p):
         key, noise_key = jax.random.split(key)
         return next_token(logits, temperature, top_k, top_p, jax.random.gumbel(noise_key, logits.shape)), key
 
-    embed_jit = jax.jit(embed)
-    last_logits = jax.jit(lambda h, wte, ln_f: unembed(layer_norm(h[..., -1:, :], **ln_f), wte)[..., 0, :])
-
-    def prefill_layers(params, inputs, pad):  # [n_slots] -> [n_vocab], cache: `prefill`, a compiled call per stage
-        x, cache = embed_jit(inputs, params["wte"], params["wpe"], 0, pad), []  # [n_slots, n_embd]
-        for weights, kv_cache in zip(params["blocks"], empty_cache(params, n_head, n_max)):
-            x, kv_cache = block(x, **weights, n_head=n_head, kv_cache=kv_cache, start=0, pad=pad)
-            cache.append(kv_cache)
-        return last_logits(x, params["wte"], params["ln_f"]), cache
+    prefill_one = functools.partial(prefill, n_head=n_head, n_max=n_max, block=block, embed=jax.jit(embed), head=jax.jit(last_logits))
 
     if batch == 1:  # the single-sequence functions as they are: a vmapped axis of size 1 makes XLA copy the cache
 
         def prefill_batch(params, inputs, pad):  # [1, n_slots], [1] -> [1, n_vocab], cache
-            logits, cache = prefill_layers(params, inputs[0], pad[0])
+            logits, cache = prefill_one(params, inputs[0], pad[0])
             return logits[None], cache
 
         def step(params, logits, cache, slot, pad, key):  # [1, n_vocab], cache, slot, [1], key
@@ -237,7 +237,7 @@ def jax_programs(n_head, n_max, batch, temperature, top_k, top_p):
     else:
 
         def prefill_batch(params, inputs, pad):  # [batch, n_slots], [batch] -> [batch, n_vocab], cache
-            return jax.vmap(prefill_layers, in_axes=(None, 0, 0))(params, inputs, pad)
+            return jax.vmap(prefill_one, in_axes=(None, 0, 0))(params, inputs, pad)
 
         def step(params, logits, cache, slot, pad, key):  # [batch, n_vocab], cache, slot, [batch], key
             """Every sequence's next token, run into `slot`, which the batch shares (a slot per
