@@ -23,7 +23,8 @@ import numpy as np
 from cli import UserError, check_folder, log, progress
 from encoder import bytes_to_unicode, load_encoder
 from sharding import process_rows
-from utils import VOCAB_FILES, base_url, download_file
+from formats import VOCAB_FILES, read_json
+from utils import base_url, download_file
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENIZERS = ("gpt2", "bytes")
@@ -386,14 +387,6 @@ def read_meta(data_dir):
         log(f"note: {data_dir} has no meta.json; assuming GPT-2 BPE ids (vocabulary of 50257)")
         return {"tokenizer": "gpt2", "vocab_size": 50257}
     return read_json(path, f"prepare --data_dir {data_dir} again (python train_jax.py prepare --input FILE --out {data_dir})")
-
-
-def read_json(path, fix):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({type(e).__name__}): {fix}")
 
 
 def ensure_data(data_dir, data_url):

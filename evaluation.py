@@ -14,11 +14,13 @@ import os
 
 import numpy as np
 
+from checkpoints import run_params
 from cli import UserError, check_folder, check_positive_int, log, progress
 from data import load_split, outside_vocabulary, split_ids
+from encoder import load_encoder
 from gpt2 import gpt2
 from sharding import batch_sharding, check_fits, device_mesh, gathered, param_shardings, place, process_rows
-from utils import download_file
+from utils import download_file, load_encoder_hparams_and_params
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_URL_ENV = "HELLASWAG_URL"  # a mirror (or a local server in the tests)
@@ -190,10 +192,6 @@ def hellaswag_hook(models_dir, encoder, hparams, mesh, shardings, dtype, n_examp
 
 def model_to_score(model_size, ckpt_dir, step, models_dir):
     """(encoder, hparams, params) of a released model or model folder, or of a training run's checkpoint."""
-    from encoder import load_encoder
-    from train_jax import run_params
-    from utils import load_encoder_hparams_and_params
-
     if bool(model_size) == bool(ckpt_dir):
         raise UserError("give the model to score: --model_size 124M|MODEL_DIR, or --ckpt_dir OUT_DIR [--step N] (one of them)")
     if model_size:

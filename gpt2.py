@@ -14,7 +14,9 @@ import os
 import numpy as np
 
 from cli import UserError, check_folder, check_positive_int, check_seed, log, run_cli
-from utils import encode_prompt, flatten, load_encoder_hparams_and_params, unflatten
+from formats import flatten, unflatten
+from sharding import sharded_params
+from utils import encode_prompt, load_encoder_hparams_and_params
 
 BACKENDS = ("jax", "numpy")
 DTYPES = {"jax": ("float32", "bfloat16"), "numpy": ("float32",)}  # NumPy has no fast bfloat16 matmul
@@ -434,8 +436,6 @@ def main(
     if backend == "jax":
         use_compilation_cache()
     if mesh:
-        from sharding import sharded_params
-
         params = sharded_params(params, mesh, hparams, dtype)
     else:
         params = to_backend(params, backend, dtype)

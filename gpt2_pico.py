@@ -1,6 +1,12 @@
+"""picoGPT's GPT-2 in about 60 lines of NumPy: the model as the math, greedy generation, no cache, no batch."""
+
 import math
 
 import numpy as np
+from tqdm import tqdm
+
+from cli import run_cli
+from utils import encode_prompt, load_encoder_hparams_and_params
 
 
 def gelu(x):
@@ -51,8 +57,6 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):
 
 
 def generate(inputs, params, n_head, n_tokens_to_generate):
-    from tqdm import tqdm
-
     for _ in tqdm(range(n_tokens_to_generate), "generating", leave=False):
         logits = gpt2(inputs, **params, n_head=n_head)
         inputs.append(int(np.argmax(logits[-1])))
@@ -60,8 +64,6 @@ def generate(inputs, params, n_head, n_tokens_to_generate):
 
 
 def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"):
-    from utils import encode_prompt, load_encoder_hparams_and_params
-
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
     input_ids = encode_prompt(encoder, hparams, prompt, n_tokens_to_generate)
     output_ids = generate(input_ids, params, hparams["n_head"], n_tokens_to_generate)
@@ -69,6 +71,4 @@ def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"
 
 
 if __name__ == "__main__":
-    from cli import run_cli
-
     run_cli(main)

@@ -17,7 +17,7 @@ import os
 import re
 
 from cli import UserError
-from utils import flatten
+from formats import flatten
 
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")  # the batch is split over both data-parallel axes

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpt2  # noqa: E402
 import utils  # noqa: E402
+import formats  # noqa: E402
 from load import SHAPES, hparams_of, random_checkpoint  # noqa: E402
 
 N_PROMPT = 10
@@ -123,7 +124,7 @@ def main(model_size="124M", n_new=40, batches="1,16", configs="jax:float32,numpy
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))  # warms the cache too
     load_s = timed(lambda: utils.load_encoder_hparams_and_params(model_dir))
     _, hparams, params = utils.load_encoder_hparams_and_params(model_dir)
-    n_bytes = sum(a.nbytes for a in utils.flatten(params).values())
+    n_bytes = sum(a.nbytes for a in formats.flatten(params).values())
     runs = matvec_runs(n_bytes)
     bandwidth = {name: n_bytes / min(timed(run) for _ in range(5)) / 1e9 for name, run in runs.items()}
     bound = max(bandwidth.values()) * 1e9 / n_bytes

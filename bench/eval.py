@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import evaluation  # noqa: E402
-import train_jax  # noqa: E402
+import monitor  # noqa: E402
 from load import random_checkpoint  # noqa: E402
 from sharding import device_mesh, param_shardings, place  # noqa: E402
 from utils import load_encoder_hparams_and_params  # noqa: E402
@@ -56,8 +56,8 @@ def main(input, examples=16, tokens=8192, batch_size=4, model_dir=os.path.join(R
     start = time.perf_counter()
     evaluation.hellaswag_accuracy(score, chosen, encoder, hparams["n_ctx"], batch_size)
     hellaswag_s = time.perf_counter() - start
-    flops_per_token = 2 * train_jax.n_params(params) + 2 * hparams["n_layer"] * hparams["n_embd"] * hparams["n_ctx"]  # forward
-    peak = train_jax.matmul_flops()
+    flops_per_token = 2 * monitor.n_params(params) + 2 * hparams["n_layer"] * hparams["n_embd"] * hparams["n_ctx"]  # forward
+    peak = monitor.matmul_flops()
     print(f"{hparams}, random weights, float32, batch {batch_size}, one device ({mesh.devices.flat[0].platform})")
     print(f"split loss: {n_predicted:,} tokens in {loss_s:.1f} s: {n_predicted / loss_s:,.0f} tokens/s "
           f"(~{flops_per_token * n_predicted / loss_s / 1e9:.0f} GFLOP/s; matmul peak {peak / 1e9:.0f}); loss {loss:.3f}")  # fmt: skip

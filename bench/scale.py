@@ -4,7 +4,7 @@
     python bench/scale.py tpu [--rows 0,1,2]    # needs libtpu: what fits a TPU chip, before and after
 
 The `tpu` table compiles GPT-2's reproduction configs (T=1024, bfloat16, AdamW) for TPU slices with
-`train_jax.compiled_train_step` (what `train_jax.py compile --topology` runs) and shows per chip the
+`aot.compiled_train_step` (what `train_jax.py compile --topology` runs) and shows per chip the
 arguments and temporaries against the chip's HBM, for the plain step (--remat none --loss_chunk 0:
 every activation and the whole [batch, T, vocab] logits kept) and for the defaults.
 
@@ -30,7 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_jax  # noqa: E402
+import aot  # noqa: E402
+import formats  # noqa: E402
 from sharding import GiB, device_mesh, memory_per_device, parse_mesh, topology_devices  # noqa: E402
+from step import resolve_remat  # noqa: E402
 
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 PADDED_VOCAB = 50304  # nanoGPT's: a multiple of 64, so tp splits wte (50257 divides by no tp; wte is then replicated over tp)
@@ -88,7 +91,7 @@ def compiled_step(hparams, spec, batch_size, block_size):
     mesh = device_mesh(spec)
     per_rank = batch_size // (mesh.shape["dp"] * mesh.shape["fsdp"])
     flags = model_flags({**hparams, "n_ctx": block_size}, mesh=spec, batch_size=per_rank, remat="none", loss_chunk=0)
-    return train_jax.compiled_train_step(flags, train_jax.model_shape(flags), mesh), mesh.size
+    return aot.compiled_train_step(flags, aot.model_shape(flags), mesh), mesh.size
 
 
 def main(block_size=1024, batch_size=8, n_vocab=PADDED_VOCAB, meshes=MESHES):
@@ -113,7 +116,7 @@ def main(block_size=1024, batch_size=8, n_vocab=PADDED_VOCAB, meshes=MESHES):
 
 
 PLAIN = {"remat": "none", "loss_chunk": 0}  # the step before --remat and the chunked loss
-GPT2_1558M = {**train_jax.RELEASED_HPARAMS["1558M"], "n_vocab": PADDED_VOCAB}
+GPT2_1558M = {**formats.RELEASED_HPARAMS["1558M"], "n_vocab": PADDED_VOCAB}
 TPU_ROWS = (  # (name, hparams, topology, mesh, per-chip batch, flags)
     ("124M", GPT2_124M, "v5e:2x2", "dp=4", 24, PLAIN),
     ("124M", GPT2_124M, "v5e:2x2", "dp=4", 32, PLAIN),
@@ -137,10 +140,10 @@ def tpu(rows=None):
         devices = topology_devices(topology)
         mesh = parse_mesh(spec, devices)
         start = time.perf_counter()
-        arguments, temporaries, total = train_jax.step_memory(flags, hparams, mesh)
+        arguments, temporaries, total = aot.step_memory(flags, hparams, mesh)
         seconds = time.perf_counter() - start
         hbm = memory_per_device(devices[0], len(devices))
-        remat = train_jax.resolve_remat(flags["remat"], "tpu")
+        remat = resolve_remat(flags["remat"], "tpu")
         print(
             f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}"
             f"{'-' if arguments is None else f'{arguments / GiB:.2f}':>10}"

@@ -36,6 +36,7 @@ from load import random_checkpoint
 import gpt2
 import data
 import train_jax
+import checkpoints
 
 HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
 WORDS = ["the", "Alan", "Turing", "ROMEO:", "café", "日本語", "🙂", "\t", "1.50", "<|endoftext|>", "—", "'quoted'", "é\u0301", "\n"]
@@ -152,8 +153,8 @@ def soak_training(kills, seed, folder):
     peaks.append(run_until(finished, lambda: False))
     failures += finished.wait() != 0
     whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=os.path.join(folder, "whole"), **TRAIN_FLAGS))
-    manager = train_jax.checkpoint_manager(out_dir, 2)
-    state, _ = train_jax.restore_checkpoint(manager, TRAIN_FLAGS["max_iters"], whole["state"])
+    manager = checkpoints.checkpoint_manager(out_dir, 2)
+    state, _ = checkpoints.restore_checkpoint(manager, TRAIN_FLAGS["max_iters"], whole["state"])
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])))
     failures += not same
     print(f"training: {kills} kills and a resume in {time.perf_counter() - start:.0f} s; finished params "

@@ -29,6 +29,8 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import train_jax  # noqa: E402
+import monitor  # noqa: E402
+from step import loss_fn  # noqa: E402
 
 BABY = dict(
     n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
@@ -41,7 +43,7 @@ def whole_split_loss(params, ids, block_size, batch_size, n_head):
     """The mean next-token loss over all non-overlapping blocks of `ids`."""
     import jax
 
-    loss = jax.jit(functools.partial(train_jax.loss_fn, key=None, n_head=n_head, rate=0.0, dtype="float32"))
+    loss = jax.jit(functools.partial(loss_fn, key=None, n_head=n_head, rate=0.0, dtype="float32"))
     offsets = np.arange((len(ids["shards"][0]) - 1) // block_size) * block_size  # [n_blocks] (one file: window index = start)
     total = 0.0
     for start in range(0, len(offsets), batch_size):
@@ -79,7 +81,7 @@ def main(input, max_iters=2000, nanogpt=""):
     """Prepare INPUT with the bytes tokenizer, train the baby config and print the numbers; with
     --nanogpt DIR (a clone of karpathy/nanoGPT; needs torch) run nanoGPT's train.py on it first."""
     start = time.perf_counter()
-    peaks = {n: train_jax.matmul_flops(n) for n in (256, 768, 2048)}
+    peaks = {n: monitor.matmul_flops(n) for n in (256, 768, 2048)}
     with tempfile.TemporaryDirectory() as work:
         if nanogpt:
             os.makedirs(os.path.join(work, "nanogpt"))
@@ -92,7 +94,7 @@ def main(input, max_iters=2000, nanogpt=""):
         val_loss = whole_split_loss(summary["state"]["params"], val_ids, BABY["block_size"], BABY["batch_size"], BABY["n_head"])
     params = summary["state"]["params"]
     tokens_per_iter = BABY["batch_size"] * BABY["block_size"]
-    flops_per_iter = train_jax.flops_per_token(params, BABY["n_layer"], BABY["n_embd"], BABY["block_size"]) * tokens_per_iter
+    flops_per_iter = monitor.flops_per_token(params, BABY["n_layer"], BABY["n_embd"], BABY["block_size"]) * tokens_per_iter
     achieved = flops_per_iter / (summary["ms_per_step"] / 1e3)
     print(f"baby config, {max_iters} iterations of {tokens_per_iter} tokens ({flops_per_iter / 1e9:.2f} GFLOP each)")
     print(f"ms/iter:        {summary['ms_per_step']:.1f}")

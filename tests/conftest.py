@@ -59,7 +59,7 @@ def model_copy(tf_model, tmp_path):
     """A private copy of the release files (tests that change or corrupt files use this)."""
     import shutil
 
-    from utils import RELEASE_FILES
+    from formats import RELEASE_FILES
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()

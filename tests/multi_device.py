@@ -9,8 +9,11 @@ import sys
 import numpy as np
 
 import train_jax
+import aot
+import formats
 from cli import UserError
-from utils import flatten
+from formats import flatten
+from step import batch_plan, init_params, init_sharded_state, init_state, jit_train_step, loss_fn, make_optimizer, train_step
 
 HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2}  # every width divides by 8
 OPTIMIZER = dict(
@@ -37,13 +40,13 @@ def one_step(specs):
     of the updated params from the unsharded ones, and each parameter's spec."""
     import jax
 
-    params = train_jax.init_params(HPARAMS, seed=0)
-    optimizer, _ = train_jax.make_optimizer(**OPTIMIZER)
+    params = init_params(HPARAMS, seed=0)
+    optimizer, _ = make_optimizer(**OPTIMIZER)
     rng = np.random.default_rng(0)
     inputs, targets = rng.integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE), dtype=np.int32)
-    step = functools.partial(train_jax.train_step, optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
+    step = functools.partial(train_step, optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
     single = jax.devices()[0]
-    state = jax.device_put(train_jax.init_state(params, optimizer, seed=0), single)
+    state = jax.device_put(init_state(params, optimizer, seed=0), single)
     reference, metrics = jax.jit(step)(state, jax.device_put(inputs, single), jax.device_put(targets, single))
     expected = {path: np.asarray(a) for path, a in flatten(reference["params"]).items()}
     results = {"unsharded": {"loss": float(metrics["loss"])}}
@@ -65,11 +68,11 @@ def sharded_step(params, optimizer, spec, inputs, targets):
     from sharding import batch_sharding, device_mesh
 
     mesh = device_mesh(spec)
-    state, shardings = train_jax.init_sharded_state(params, optimizer, 0, mesh)
+    state, shardings = init_sharded_state(params, optimizer, 0, mesh)
     batch = batch_sharding(mesh, 3, axis=1)
     placed = [jax.device_put(x, batch) for x in (inputs, targets)]
     step_args = dict(optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
-    return train_jax.jit_train_step(shardings, batch, **step_args)(state, *placed)
+    return jit_train_step(shardings, batch, **step_args)(state, *placed)
 
 
 def plain_loss(params, inputs, targets):  # [batch, n_seq] x2 -> []
@@ -91,11 +94,11 @@ def loss_grads(specs, variants):
 
     from sharding import batch_sharding, device_mesh, gathered, param_shardings
 
-    params = train_jax.init_params(HPARAMS, seed=0)
-    training_params = train_jax.stacked(params)
+    params = init_params(HPARAMS, seed=0)
+    training_params = formats.stacked(params)
     inputs, targets = np.random.default_rng(0).integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE[1:]), dtype=np.int32)
     args = dict(key=None, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
-    grad_fn = lambda **kwargs: jax.jit(jax.value_and_grad(functools.partial(train_jax.loss_fn, **args, **kwargs)))
+    grad_fn = lambda **kwargs: jax.jit(jax.value_and_grad(functools.partial(loss_fn, **args, **kwargs)))
     single = jax.devices()[0]
     loss, grads = jax.jit(jax.value_and_grad(plain_loss))(*jax.device_put((params, inputs, targets), single))
     expected = {path: np.asarray(g) for path, g in flatten(grads).items()}
@@ -108,7 +111,7 @@ def loss_grads(specs, variants):
         compute = gathered(shardings) if spec else None
         for variant in variants:
             new_loss, new_grads = grad_fn(**variant, compute_shardings=compute)(*placed)
-            flat = flatten(train_jax.unstacked(new_grads))
+            flat = flatten(formats.unstacked(new_grads))
             difference = lambda path: float(np.abs(np.asarray(flat[path]) - expected[path]).max() / np.abs(expected[path]).max())
             results[f"{spec or 'one device'} {variant}"] = {
                 "loss": abs(float(new_loss) / float(loss) - 1),
@@ -118,13 +121,13 @@ def loss_grads(specs, variants):
 
 
 def batch_plans(specs, flags):
-    """train_jax.batch_plan of the flags under each mesh, or its error message."""
+    """batch_plan of the flags under each mesh, or its error message."""
     from sharding import device_mesh
 
     results = {}
     for spec in specs:
         try:
-            results[spec] = train_jax.batch_plan(train_jax.default_flags(**flags), device_mesh(spec))
+            results[spec] = batch_plan(train_jax.default_flags(**flags), device_mesh(spec))
         except UserError as e:
             results[spec] = str(e)
     return results
@@ -135,8 +138,8 @@ def step_bytes(flags, batch_sizes):
     from sharding import device_mesh
 
     flags = train_jax.default_flags(**flags)
-    mesh, hparams = device_mesh(flags["mesh"]), train_jax.model_shape(flags)
-    compile_total = lambda b: train_jax.step_memory({**flags, "batch_size": b}, hparams, mesh)[2]
+    mesh, hparams = device_mesh(flags["mesh"]), aot.model_shape(flags)
+    compile_total = lambda b: aot.step_memory({**flags, "batch_size": b}, hparams, mesh)[2]
     return {str(b): compile_total(b) for b in batch_sizes}
 
 
@@ -146,9 +149,9 @@ def fsdp_bytes(spec):
 
     from sharding import device_mesh
 
-    params = train_jax.init_params(HPARAMS, seed=0)
-    optimizer, _ = train_jax.make_optimizer(**OPTIMIZER)
-    state, _ = train_jax.init_sharded_state(params, optimizer, 0, device_mesh(spec))
+    params = init_params(HPARAMS, seed=0)
+    optimizer, _ = make_optimizer(**OPTIMIZER)
+    state, _ = init_sharded_state(params, optimizer, 0, device_mesh(spec))
     per_device = {}
     for name in ("params", "opt_state"):
         for leaf in jax.tree.leaves(state[name]):
@@ -184,8 +187,8 @@ def activation_dtypes(topology, flags):
 
     flags = train_jax.default_flags(**flags)
     mesh = parse_mesh(flags["mesh"], topology_devices(topology))
-    hparams = train_jax.model_shape(flags)
-    hlo = train_jax.compiled_train_step(flags, hparams, mesh).as_text()
+    hparams = aot.model_shape(flags)
+    hlo = aot.compiled_train_step(flags, hparams, mesh).as_text()
     batch, n_seq, n_embd = flags["batch_size"], flags["block_size"], hparams["n_embd"]
     shapes = {"activations": (batch, n_seq, n_embd), "rows": (batch * n_seq, n_embd), "saved": (hparams["n_layer"], batch, n_seq, n_embd)}
     return {name: unfused_values(hlo, dims) for name, dims in shapes.items()}

@@ -11,7 +11,8 @@ from conftest import ROOT, SMALL_HPARAMS
 from tf_reference import read_checkpoint, write_release_checkpoint
 
 from cli import UserError
-from utils import CACHE_FILE, RELEASE_FILES, flatten, load_encoder_hparams_and_params, save_gpt2_checkpoint
+from formats import CACHE_FILE, RELEASE_FILES, flatten, save_gpt2_checkpoint
+from utils import load_encoder_hparams_and_params
 
 
 def assert_params_equal(a, b):

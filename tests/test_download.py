@@ -8,7 +8,8 @@ from http_server import serve
 
 import utils
 from cli import UserError
-from utils import RELEASE_FILES, download_file, load_encoder_hparams_and_params
+from formats import RELEASE_FILES
+from utils import download_file, load_encoder_hparams_and_params
 
 BODY = bytes(range(256)) * 4096  # 1 MiB with no repeats at small offsets
 

@@ -15,9 +15,11 @@ from http_server import serve
 
 import evaluation
 import gpt2
+import formats
 from cli import UserError
 from encoder import load_encoder
-from utils import flatten, load_encoder_hparams_and_params, unflatten
+from formats import flatten, unflatten
+from utils import load_encoder_hparams_and_params
 
 N_CTX = SMALL_HPARAMS["n_ctx"]
 # float32 logits: each a reduction over n_embd terms per layer, then a log-sum-exp over the vocabulary;
@@ -146,7 +148,7 @@ def test_training_logs_hellaswag_every_n_steps(tmp_path, vocab_dir, monkeypatch,
         monkeypatch.setenv(evaluation.HELLASWAG_URL_ENV, f"{server.url}/hellaswag_val.jsonl")
         summary = train_jax.fit(train_jax.default_flags(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), hellaswag_every=2,
                                                         models_dir=models_with_vocab(tmp_path / "models", vocab_dir), **flags))  # fmt: skip
-    params = {p: np.asarray(a, np.float64) for p, a in flatten(train_jax.unstacked(summary["state"]["params"])).items()}
+    params = {p: np.asarray(a, np.float64) for p, a in flatten(formats.unstacked(summary["state"]["params"])).items()}
     encoder = load_encoder(str(tmp_path / "data"))
     acc, acc_norm = numpy_hellaswag(unflatten(params, 1), encoder, EXAMPLES[:3], n_ctx=16, n_head=2)
     assert f"step 2: hellaswag: acc {acc:.4f}, acc_norm {acc_norm:.4f} over 3 examples" in capsys.readouterr().err.splitlines()

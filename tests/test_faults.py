@@ -22,8 +22,12 @@ from test_train import data_dir  # noqa: F401 (a fixture: the test corpus, prepa
 import gpt2
 import train_jax
 import utils
+import checkpoints
+import formats
 from cli import UserError
-from utils import RELEASE_FILES, download_file
+from formats import RELEASE_FILES
+from utils import download_file
+from step import state_shape
 
 
 def release_files(model_dir, size="124M"):
@@ -140,7 +144,7 @@ def test_two_processes_downloading_one_model_fetch_each_file_once(tf_model, tmp_
     assert sorted(path for path, _ in server.requests) == sorted(f"/{name}" for name in files)  # each once
     assert results[0][0][0] == results[1][0][0]  # the same params
     assert any("waiting for another process downloading into" in err for (_, err), _ in results)
-    assert sorted(os.listdir(tmp_path / "models" / "124M")) == sorted([*RELEASE_FILES, utils.CACHE_FILE])
+    assert sorted(os.listdir(tmp_path / "models" / "124M")) == sorted([*RELEASE_FILES, formats.CACHE_FILE])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,15 +240,15 @@ def test_killed_at_random_moments_and_mid_save_the_run_ends_bit_exact(data_dir, 
         if kill == 1:
             assert temporary_dirs(out), "the kill came after the save finished"
         assert 0 < steps_on_disk(out)[-1] < 60
-    manager = train_jax.checkpoint_manager(str(out), 2)
+    manager = checkpoints.checkpoint_manager(str(out), 2)
     last_complete = manager.latest_step()
     manager.close()
     resumed = subprocess.run([sys.executable, *argv, "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out} at step {last_complete}" in resumed.stderr
     whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=str(tmp_path / "whole"), **flags))
-    manager = train_jax.checkpoint_manager(str(out), 2)
-    state, _ = train_jax.restore_checkpoint(manager, 60, whole["state"])
+    manager = checkpoints.checkpoint_manager(str(out), 2)
+    state, _ = checkpoints.restore_checkpoint(manager, 60, whole["state"])
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])):
         np.testing.assert_array_equal(a, b)
     assert not temporary_dirs(out)
@@ -280,8 +284,8 @@ def test_a_nan_loss_stops_the_run_at_its_step_with_the_last_good_checkpoint_inta
         )
     ]
     assert steps_on_disk(out) == [1]
-    manager = train_jax.checkpoint_manager(str(out), 3)
-    state, loader = train_jax.restore_checkpoint(manager, 1, train_jax.state_shape(train_jax.read_config(str(out))))
+    manager = checkpoints.checkpoint_manager(str(out), 3)
+    state, loader = checkpoints.restore_checkpoint(manager, 1, state_shape(checkpoints.read_config(str(out))))
     assert loader["next_batch"] == 1 and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state))
     manager.close()
     train_jax.cli([*argv, "--resume", "--nan_policy=skip"])  # goes on past the NaN steps

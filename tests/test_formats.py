@@ -18,9 +18,12 @@ from http_server import serve
 from test_train import CORPUS, QUIET, TINY, data_dir  # noqa: F401 (data_dir: a fixture, the corpus prepared as bytes)
 
 import train_jax
+import aot
+import checkpoints
 from cli import UserError
 from encoder import load_encoder
-from utils import CACHE_FILE, OLD_CACHE_FILE, flatten, load_encoder_hparams_and_params, save_hf_checkpoint
+from formats import CACHE_FILE, OLD_CACHE_FILE, flatten, save_hf_checkpoint
+from utils import load_encoder_hparams_and_params
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HF_CONFIG = {
@@ -212,7 +215,7 @@ def test_init_from_an_hf_folder_fine_tunes_its_params_with_its_vocabulary(hf_fol
     assert hparams == expected_hparams
     assert_same_params(params, expected)
     batch = {"global_batch": 12, "grad_accum": 1}
-    train_jax.write_config(str(tmp_path / "run"), flags, hparams, vocab_dir, batch)  # the run's vocabulary, in OpenAI's names
+    checkpoints.write_config(str(tmp_path / "run"), flags, hparams, vocab_dir, batch)  # the run's vocabulary, in OpenAI's names
     assert load_encoder(str(tmp_path / "run")).encoder == load_encoder(hf_folder).encoder
 
 
@@ -272,7 +275,7 @@ def test_compile_takes_the_shape_of_any_init_from_and_fetches_only_a_hub_ids_con
     run_dir = str(tmp_path / "run")
     train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=run_dir, max_iters=1, **{**TINY, "vocab_size": 128}, **QUIET))
     for model in (tf_model[0], hf_folder, run_dir):  # the shape fine-tuning loads, its padded vocabulary cut back
-        assert train_jax.model_shape(train_jax.default_flags(init_from=model)) == load_encoder_hparams_and_params(model)[1]
+        assert aot.model_shape(train_jax.default_flags(init_from=model)) == load_encoder_hparams_and_params(model)[1]
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1"}
     compile_args = [sys.executable, "train_jax.py", "compile", "--block_size=16", "--batch_size=1", "--init_from"]
     with serve(hub_files(hf_folder, "me/small"), hub_commit=COMMIT) as server:
@@ -282,7 +285,7 @@ def test_compile_takes_the_shape_of_any_init_from_and_fetches_only_a_hub_ids_con
     assert from_hub.stdout == from_folder.stdout and from_hub.stdout.strip().endswith(": fits")
     assert {path.rsplit("/", 1)[-1] for path, _ in server.requests if "/resolve/main/" in path} == {"config.json"}  # HEAD, GET
     with pytest.raises(UserError, match="is no model folder .* and no hub id"):
-        train_jax.model_shape(train_jax.default_flags(init_from=str(tmp_path)))
+        aot.model_shape(train_jax.default_flags(init_from=str(tmp_path)))
 
 
 @pytest.mark.slow  # huggingface_hub retries a refused connection for about 25 s
@@ -305,7 +308,7 @@ def test_a_run_folder_is_a_model_with_the_text_of_its_export(data_dir, tmp_path)
     run_dir, model_dir = str(tmp_path / "run"), str(tmp_path / "model")
     flags = train_jax.default_flags(data_dir=data_dir, out_dir=run_dir, max_iters=4, eval_interval=2, **TINY, **QUIET)
     train_jax.fit(flags)
-    train_jax.export(ckpt_dir=run_dir, out=model_dir)
+    checkpoints.export(ckpt_dir=run_dir, out=model_dir)
     from_run, from_export = (gpt2_cli("--model_size", folder, env={}, prompt="ROMEO:") for folder in (run_dir, model_dir))
     assert from_run.returncode == 0, from_run.stderr
     assert from_run.stdout == from_export.stdout and from_run.stdout.strip()
@@ -317,7 +320,7 @@ def test_a_run_folder_is_a_model_with_the_text_of_its_export(data_dir, tmp_path)
 def test_hf_export_of_a_bytes_run_loads_back(data_dir, tmp_path):  # noqa: F811 (a fixture)
     run_dir, model_dir = str(tmp_path / "run"), str(tmp_path / "model")
     train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=run_dir, max_iters=2, **TINY, **QUIET))
-    train_jax.export(ckpt_dir=run_dir, out=model_dir, format="hf")
+    checkpoints.export(ckpt_dir=run_dir, out=model_dir, format="hf")
     encoder, hparams, params = load_encoder_hparams_and_params(model_dir)
     _, run_hparams, run_params = load_encoder_hparams_and_params(run_dir)
     assert hparams == run_hparams and encoder.decode(encoder.encode(CORPUS[:200])) == CORPUS[:200]
@@ -354,7 +357,7 @@ def test_transformers_reads_the_hf_export_of_a_bytes_run(data_dir, tmp_path):  #
 
     run_dir, model_dir = str(tmp_path / "run"), str(tmp_path / "model")
     train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=run_dir, max_iters=2, **TINY, **QUIET))
-    train_jax.export(ckpt_dir=run_dir, out=model_dir, format="hf")
+    checkpoints.export(ckpt_dir=run_dir, out=model_dir, format="hf")
     encoder, hparams, params = load_encoder_hparams_and_params(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     text = CORPUS[:100]

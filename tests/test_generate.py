@@ -216,7 +216,7 @@ def test_weights_stored_transposed_go_on_the_device_as_stored_and_compute_the_sa
     """The cache's [n_out, n_in] block matrices become `w_t` without a copy, on the device and in the
     compiled step (XLA copied a transposed weight once per step when asked to: 10x slower), and give
     the logits and tokens that the same weights in [n_in, n_out] give."""
-    from utils import flatten, unflatten
+    from formats import flatten, unflatten
 
     _, hparams, params = loaded
     n_head, n_layer = hparams["n_head"], hparams["n_layer"]

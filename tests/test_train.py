@@ -22,10 +22,15 @@ from http_server import serve
 import gpt2
 import data
 import train_jax
+import checkpoints
+import formats
+import monitor
 from cli import UserError
 from encoder import EOT, bytes_to_unicode, load_encoder
 from sharding import match_rules
-from utils import expected_shapes, flatten, load_encoder_hparams_and_params, unflatten
+from formats import expected_shapes, flatten, unflatten
+from utils import load_encoder_hparams_and_params
+from step import DECAY_RULES, OPTIMIZER_FLAGS, init_params, init_state, loss_fn, make_optimizer, train_step
 
 CORPUS = "".join(
     f"ROMEO: speak line {i} of the {('tiny', 'small', 'short')[i % 3]} play, {i * 7 % 13} times.\n"
@@ -135,7 +140,7 @@ def test_prepare_errors_name_the_fix(content, flags, message, tmp_path, vocab_di
 
 def test_init_is_gpt2s():
     hparams = {"n_vocab": 300, "n_ctx": 128, "n_embd": 256, "n_head": 4, "n_layer": 8}
-    flat = {path: np.asarray(a) for path, a in flatten(train_jax.init_params(hparams, seed=0)).items()}
+    flat = {path: np.asarray(a) for path, a in flatten(init_params(hparams, seed=0)).items()}
     assert {path: list(a.shape) for path, a in flat.items()} == expected_shapes(hparams)
     for path, a in flat.items():
         assert a.dtype == np.float32
@@ -147,7 +152,7 @@ def test_init_is_gpt2s():
             std = 0.02 / 4 if path.endswith("c_proj/w") else 0.02  # 1/sqrt(2 * n_layer) = 1/4
             # sampling errors of >= 32768 normals: the mean's std is std / 181, the std's std / 256
             assert abs(a.mean()) < 0.1 * std and a.std() == pytest.approx(std, rel=0.05), path
-    again = flatten(train_jax.init_params(hparams, seed=0))
+    again = flatten(init_params(hparams, seed=0))
     assert all((np.asarray(again[p]) == flat[p]).all() for p in flat)
 
 
@@ -170,9 +175,9 @@ def test_gradients_match_central_finite_differences():
     params = unflatten(flat, hparams["n_layer"])  # float64 NumPy
     inputs, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
     with jax.enable_x64(True):
-        jax_params = train_jax.stacked(jax.tree.map(jax.numpy.asarray, params))
-        loss, grads = jax.value_and_grad(train_jax.loss_fn)(jax_params, inputs, targets, None, 2, 0.0, "float64")
-        grads = {p: np.asarray(g) for p, g in flatten(train_jax.unstacked(grads)).items()}
+        jax_params = formats.stacked(jax.tree.map(jax.numpy.asarray, params))
+        loss, grads = jax.value_and_grad(loss_fn)(jax_params, inputs, targets, None, 2, 0.0, "float64")
+        grads = {p: np.asarray(g) for p, g in flatten(formats.unstacked(grads)).items()}
     float64_tolerance = float32_tolerance(1.0, forward_length(hparams, 6) + 12, eps=float(np.finfo(np.float64).eps))
     assert float(loss) == pytest.approx(numpy_loss(params, inputs, targets, 2), rel=float64_tolerance)
     eps = 1e-6  # central differences: truncation ~eps**2 (relative), rounding ~2.2e-16 * loss / eps ~ 5e-10 (absolute)
@@ -188,11 +193,11 @@ def test_decay_mask_covers_exactly_the_2d_weights():
     import jax.numpy as jnp
 
     hparams = {"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 3}
-    params = train_jax.init_params(hparams, seed=0)
-    mask = flatten(match_rules(train_jax.DECAY_RULES, params))
+    params = init_params(hparams, seed=0)
+    mask = flatten(match_rules(DECAY_RULES, params))
     assert {p for p, decay in mask.items() if decay} == {p for p, a in flatten(params).items() if a.ndim == 2}
     # One AdamW step with zero gradients only decays: exactly the masked leaves shrink by lr * wd.
-    optimizer, _ = train_jax.make_optimizer(0.5, 0.5, 0, 10, 0.1, 0.9, 0.95, 1.0)
+    optimizer, _ = make_optimizer(0.5, 0.5, 0, 10, 0.1, 0.9, 0.95, 1.0)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
     for path, update in flatten(updates).items():
@@ -201,7 +206,7 @@ def test_decay_mask_covers_exactly_the_2d_weights():
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
-    _, schedule = train_jax.make_optimizer(1e-3, 1e-4, 10, 100, 0.1, 0.9, 0.95, 1.0)
+    _, schedule = make_optimizer(1e-3, 1e-4, 10, 100, 0.1, 0.9, 0.95, 1.0)
     lrs = [float(schedule(step)) for step in range(120)]
     approx = functools.partial(pytest.approx, rel=8 * FLOAT32_EPS)  # a few float32 operations (the cosine's too)
     assert lrs[0] == approx(1e-3 / 11) and lrs[10] == approx(1e-3)
@@ -214,7 +219,7 @@ def tiny_setup(data_dir, batch_shape=(1, 4), n_embd=16):
     """A tiny model's params and one batch of the corpus ([grad_accum, batch, 16] inputs and targets)."""
     hparams = {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": n_embd, "n_head": 2, "n_layer": 2}
     ids = data.load_split(data_dir, "train", 16, N_SYMBOLS)
-    return train_jax.init_params(hparams, seed=0), data.get_batch(ids, data.batch_offsets(0, 0, 0, batch_shape, ids, 16), 16)
+    return init_params(hparams, seed=0), data.get_batch(ids, data.batch_offsets(0, 0, 0, batch_shape, ids, 16), 16)
 
 
 def jitted_step(optimizer, dtype="float32"):
@@ -222,13 +227,13 @@ def jitted_step(optimizer, dtype="float32"):
 
     import jax
 
-    return jax.jit(functools.partial(train_jax.train_step, optimizer=optimizer, n_head=2, rate=0.0, dtype=dtype))
+    return jax.jit(functools.partial(train_step, optimizer=optimizer, n_head=2, rate=0.0, dtype=dtype))
 
 
 def test_tiny_model_overfits_one_batch(data_dir):
     params, batch = tiny_setup(data_dir, n_embd=32)
-    optimizer, _ = train_jax.make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
-    state, step = train_jax.init_state(params, optimizer, 0), jitted_step(optimizer)
+    optimizer, _ = make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
+    state, step = init_state(params, optimizer, 0), jitted_step(optimizer)
     losses = []
     for _ in range(300):
         state, metrics = step(state, *batch)
@@ -244,11 +249,11 @@ def test_grad_accum_equals_one_big_batch(data_dir):
     step = jitted_step(optax.sgd(1.0))
     (params, accumulated_batch), (_, whole_batch) = tiny_setup(data_dir, (2, 2)), tiny_setup(data_dir, (1, 4))
     np.testing.assert_array_equal(accumulated_batch[0].reshape(1, 4, 16), whole_batch[0])  # the same 4 sequences
-    state = lambda: train_jax.init_state(params, optax.sgd(1.0), 0)
+    state = lambda: init_state(params, optax.sgd(1.0), 0)
     (accumulated, metrics_2x2), (whole, metrics_1x4) = step(state(), *accumulated_batch), step(state(), *whole_batch)
     length = forward_length({"n_layer": 2, "n_embd": 16}, 16) + 4 * 16  # the forward, then the mean over 4 x 16 tokens
     assert float(metrics_2x2["loss"]) == pytest.approx(float(metrics_1x4["loss"]), rel=float32_tolerance(1.0, length))
-    for a, b, p in zip(*(jax.tree.leaves(s["params"]) for s in (accumulated, whole)), jax.tree.leaves(train_jax.stacked(params))):
+    for a, b, p in zip(*(jax.tree.leaves(s["params"]) for s in (accumulated, whole)), jax.tree.leaves(formats.stacked(params))):
         update = np.asarray(b) - np.asarray(p)  # the mean gradient, summed in another order: relative to the leaf's largest
         stored = FLOAT32_EPS * np.abs(p).max()  # and each new param rounded to float32 at the params' scale (half an ulp, twice)
         np.testing.assert_allclose(np.asarray(a) - p, update, rtol=0, atol=float32_tolerance(np.abs(update).max(), length) + stored)
@@ -258,14 +263,14 @@ def test_bfloat16_computes_close_to_float32_with_float32_weights(data_dir):
     import jax
 
     params, (inputs, targets) = tiny_setup(data_dir)
-    grad = jax.jit(jax.value_and_grad(train_jax.loss_fn), static_argnums=(3, 4, 5, 6))
-    training_params = train_jax.stacked(params)
+    grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(3, 4, 5, 6))
+    training_params = formats.stacked(params)
     (loss_32, grads_32), (loss_16, grads_16) = (grad(training_params, inputs[0], targets[0], None, 2, 0.0, d) for d in ("float32", "bfloat16"))
     assert float(loss_16) == pytest.approx(float(loss_32), rel=0.01)  # bfloat16 rounds to 2**-8 = 0.4%; the mean of 64 losses averages it
     g32, g16 = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(g)]) for g in (grads_32, grads_16))
     assert g16.dtype == np.float32 and g32 @ g16 / np.linalg.norm(g32) / np.linalg.norm(g16) > 0.99
-    optimizer, _ = train_jax.make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
-    new_state, _ = jitted_step(optimizer, "bfloat16")(train_jax.init_state(params, optimizer, 0), inputs, targets)
+    optimizer, _ = make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
+    new_state, _ = jitted_step(optimizer, "bfloat16")(init_state(params, optimizer, 0), inputs, targets)
     assert {a.dtype for a in jax.tree.leaves(new_state["params"])} == {np.dtype("float32")}
 
 
@@ -346,19 +351,19 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run_step_for_step(data_dir
 def test_the_train_state_stacks_the_blocks_so_its_leaves_do_not_grow_with_depth():
     import jax
 
-    optimizer, _ = train_jax.make_optimizer(1e-2, 1e-3, 0, 10, 0.1, 0.9, 0.95, 1.0)
+    optimizer, _ = make_optimizer(1e-2, 1e-3, 0, 10, 0.1, 0.9, 0.95, 1.0)
     counts = {}
     for n_layer in (2, 4):
-        params = train_jax.init_params({"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": n_layer}, seed=0)
-        state = jax.eval_shape(lambda: train_jax.init_state(params, optimizer, 0))
+        params = init_params({"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": n_layer}, seed=0)
+        state = jax.eval_shape(lambda: init_state(params, optimizer, 0))
         for tree in (state["params"], state["opt_state"][1][0].mu, state["opt_state"][1][0].nu):  # AdamW's moments too
             assert {p: a.shape for p, a in flatten(tree).items() if p.startswith("blocks/")} == {
                 "blocks/" + p.split("/", 2)[2]: (n_layer, *a.shape) for p, a in flatten(params).items() if p.startswith("blocks/0/")
             }
         counts[n_layer] = len(jax.tree.leaves(state["params"])), len(jax.tree.leaves(state["opt_state"]))
     assert counts[2] == counts[4] == (12 + 4, 2 * (12 + 4) + 2)  # a block's 12 arrays, wte/wpe/ln_f; mu, nu and two counts
-    stacked = train_jax.stacked(params)
-    assert all((np.asarray(a) == flatten(params)[p]).all() for p, a in flatten(train_jax.unstacked(stacked)).items())
+    stacked = formats.stacked(params)
+    assert all((np.asarray(a) == flatten(params)[p]).all() for p, a in flatten(formats.unstacked(stacked)).items())
 
 
 def test_checkpoints_keep_the_list_of_blocks_on_disk(data_dir, tmp_path):
@@ -369,17 +374,17 @@ def test_checkpoints_keep_the_list_of_blocks_on_disk(data_dir, tmp_path):
 
     summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
     state = summary["state"]
-    _, _, params = train_jax.run_params(str(tmp_path / "run"), step=2)
+    _, _, params = checkpoints.run_params(str(tmp_path / "run"), step=2)
     assert len(params["blocks"]) == 2 and {p: list(a.shape) for p, a in flatten(params).items()} == expected_shapes(
         {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
     )
     assert all((np.asarray(a) == params_at).all() for a, params_at in zip(
-        jax.tree.leaves(train_jax.unstacked(state["params"])), jax.tree.leaves(params)))  # fmt: skip
+        jax.tree.leaves(formats.unstacked(state["params"])), jax.tree.leaves(params)))  # fmt: skip
     adam = state["opt_state"][1][0]
     listed = lambda tree: {**tree, "blocks": [jax.tree.map(lambda a: np.asarray(a)[i], tree["blocks"]) for i in range(2)]}
     old_layout = {**state, "params": listed(state["params"]), "opt_state": (state["opt_state"][0], (
         adam._replace(mu=listed(adam.mu), nu=listed(adam.nu)), *state["opt_state"][1][1:]))}  # fmt: skip
-    run = train_jax.checkpoint_manager(str(tmp_path / "run"), 3)  # the run's own step 2 is that layout, moments too
+    run = checkpoints.checkpoint_manager(str(tmp_path / "run"), 3)  # the run's own step 2 is that layout, moments too
     on_disk = run.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(old_layout)))["state"]
     for a, b in zip(jax.tree.leaves(on_disk), jax.tree.leaves(old_layout)):
         np.testing.assert_array_equal(a, b)
@@ -387,7 +392,7 @@ def test_checkpoints_keep_the_list_of_blocks_on_disk(data_dir, tmp_path):
     args = ocp.args.Composite(state=ocp.args.StandardSave(old_layout), loader=ocp.args.JsonSave({"seed": 0, "next_batch": 7}))
     manager.save(7, args=args)
     manager.wait_until_finished()
-    restored, loader = train_jax.restore_checkpoint(manager, 7, state)
+    restored, loader = checkpoints.restore_checkpoint(manager, 7, state)
     assert loader == {"seed": 0, "next_batch": 7}
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
@@ -412,8 +417,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {tmp_path / 'killed'} at step {steps[-1]}" in resumed.stderr
     whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=str(tmp_path / "whole"), **flags))
-    manager = train_jax.checkpoint_manager(str(tmp_path / "killed"), 2)
-    state, loader = train_jax.restore_checkpoint(manager, 200, whole["state"])
+    manager = checkpoints.checkpoint_manager(str(tmp_path / "killed"), 2)
+    state, loader = checkpoints.restore_checkpoint(manager, 200, whole["state"])
     assert loader == {"seed": 1337, "next_batch": 200}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])):
         np.testing.assert_array_equal(a, b)
@@ -439,7 +444,7 @@ def test_speed_figures_are_over_whole_logging_windows(data_dir, tmp_path, capfd)
     summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=10, log_interval=5, eval_interval=10), clock=one_second_per_call())
     lines = [PROGRESS.fullmatch(line) for line in capfd.readouterr().err.splitlines() if line.startswith("step ") and "/" in line]
     assert [m[1] for m in lines] == ["5", "10"]
-    flops_per_step = train_jax.flops_per_token(summary["state"]["params"], 2, 16, 16) * 64
+    flops_per_step = monitor.flops_per_token(summary["state"]["params"], 2, 16, 16) * 64
     for m in lines:
         assert (m[5], m[6], m[7]) == ("200.0", "320", f"{100 * 5 * flops_per_step / 1e9:.1f}")
         assert float(m[3]) == round(summary["losses"][int(m[1])], 4)
@@ -470,7 +475,7 @@ def scalars_written(out_dir):
     """{tag: [step, ...]} and {(tag, step): value} of every scalar in a run's TensorBoard event files, read with TensorFlow."""
     import glob
 
-    from utils import import_tensorflow
+    from formats import import_tensorflow
 
     tf = import_tensorflow()
     steps, values = {}, {}
@@ -494,7 +499,7 @@ def test_tensorboard_curves_go_on_after_a_resume(data_dir, tmp_path):
     assert sorted(steps) == sorted([*train_tags, "eval/train_loss", "eval/val_loss"])
     losses = {**first["losses"], **rest["losses"]}
     assert {step: values["train/loss", step] for step in losses} == {step: float(np.float32(v)) for step, v in losses.items()}
-    schedule = train_jax.make_optimizer(**{k: tiny_flags(data_dir, "", **flags)[k] for k in train_jax.OPTIMIZER_FLAGS})[1]
+    schedule = make_optimizer(**{k: tiny_flags(data_dir, "", **flags)[k] for k in OPTIMIZER_FLAGS})[1]
     assert values["train/lr", 8] == float(np.float32(schedule(7)))  # the rate step 8 was taken with
     assert all(values["train/grad_norm", s] > 0 for s in (2, 4, 6, 8, 10))
 
@@ -512,7 +517,7 @@ def test_a_prompt_outside_a_bytes_vocabulary_is_one_error(data_dir, tmp_path):
 def test_samples_are_gpt2s_greedy_text_with_the_current_params(data_dir, tmp_path, capfd):
     train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=4, sample_every=4, sample_prompt="ROMEO:"))
     printed = [line for line in capfd.readouterr().err.splitlines() if line.startswith("step 4 sample: ")]
-    _, hparams, params = train_jax.run_params(str(tmp_path / "run"), 4)  # the step-4 checkpoint, as export writes it
+    _, hparams, params = checkpoints.run_params(str(tmp_path / "run"), 4)  # the step-4 checkpoint, as export writes it
     encoder = load_encoder(str(tmp_path / "run"))
     prompt = encoder.encode("ROMEO:")
     text = encoder.decode(gpt2.generate(prompt, params, hparams["n_head"], 16 - len(prompt), backend="jax"))
@@ -536,14 +541,14 @@ def test_the_peak_is_a_datasheet_figure_per_accelerator_and_the_host_once_on_cpu
     import jax
 
     cpu = jax.devices("cpu")[0]
-    assert train_jax.peak_flops([cpu] * 8, "float32", 5e9) == (5e9, "--peak_flops")  # 8 faked devices, one host
+    assert monitor.peak_flops([cpu] * 8, "float32", 5e9) == (5e9, "--peak_flops")  # 8 faked devices, one host
     h100 = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")] * 8
-    assert train_jax.peak_flops(h100, "bfloat16")[0] == 8 * 989e12 and train_jax.peak_flops(h100, "float32")[0] == 8 * 495e12
-    assert train_jax.peak_flops(h100, "bfloat16", 1e15)[0] == 8e15
+    assert monitor.peak_flops(h100, "bfloat16")[0] == 8 * 989e12 and monitor.peak_flops(h100, "float32")[0] == 8 * 495e12
+    assert monitor.peak_flops(h100, "bfloat16", 1e15)[0] == 8e15
     v5e = [types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")] * 4
-    assert train_jax.peak_flops(v5e, "bfloat16")[0] == 4 * 197e12
+    assert monitor.peak_flops(v5e, "bfloat16")[0] == 4 * 197e12
     unknown = [types.SimpleNamespace(platform="gpu", device_kind="Tesla K80")]
-    assert train_jax.peak_flops(unknown, "float32") == (None, "Tesla K80 is not in train_jax.PEAK_FLOPS: give --peak_flops to see MFU")
+    assert monitor.peak_flops(unknown, "float32") == (None, "Tesla K80 is not in monitor.PEAK_FLOPS: give --peak_flops to see MFU")
 
 
 def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
@@ -551,14 +556,14 @@ def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
 
     summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=6, eval_interval=3, ckpt_interval=100))
     assert summary["best_step"] in (3, 6)
-    train_jax.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
+    checkpoints.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
     encoder, hparams, params = load_encoder_hparams_and_params(str(tmp_path / "model"))
     assert hparams == {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
-    trained = {p: np.asarray(a) for p, a in flatten(train_jax.unstacked(summary["state"]["params"])).items()}
-    manager = train_jax.checkpoint_manager(str(tmp_path / "run"), 3)
+    trained = {p: np.asarray(a) for p, a in flatten(formats.unstacked(summary["state"]["params"])).items()}
+    manager = checkpoints.checkpoint_manager(str(tmp_path / "run"), 3)
     if summary["best_step"] != 6:  # export took the best step, not the last
-        best, _ = train_jax.restore_checkpoint(manager, summary["best_step"], summary["state"])
-        trained = {p: np.asarray(a) for p, a in flatten(train_jax.unstacked(best["params"])).items()}
+        best, _ = checkpoints.restore_checkpoint(manager, summary["best_step"], summary["state"])
+        trained = {p: np.asarray(a) for p, a in flatten(formats.unstacked(best["params"])).items()}
     assert all((flatten(params)[p] == a).all() for p, a in trained.items())
     inputs = np.array(encoder.encode("ROMEO: speak"))
     expected = gpt2.gpt2(inputs, **unflatten(trained, 2), n_head=2)
@@ -570,7 +575,7 @@ def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
 def test_export_of_a_padded_vocabulary_keeps_the_tokenizers(data_dir, tmp_path):
     summary = train_jax.fit(tiny_flags(data_dir, tmp_path / "run", max_iters=2, vocab_size=64))
     assert summary["state"]["params"]["wte"].shape == (64, 16)
-    train_jax.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
+    checkpoints.export(ckpt_dir=str(tmp_path / "run"), out=str(tmp_path / "model"))
     encoder, hparams, params = load_encoder_hparams_and_params(str(tmp_path / "model"))
     assert hparams["n_vocab"] == len(encoder.encoder) == params["wte"].shape[0] == N_SYMBOLS
     np.testing.assert_array_equal(params["wte"], np.asarray(summary["state"]["params"]["wte"])[:N_SYMBOLS])
