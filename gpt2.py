@@ -126,7 +126,7 @@ def embed(inputs, wte, wpe, start=0, pad=0):  # [..., n_new] -> [..., n_new, n_e
 def hidden_states(inputs, wte, wpe, blocks, ln_f, n_head, cache=None, start=0, pad=0, rate=0.0, key=None, block=transformer_block):
     """[..., n_new] -> the final layer-normed states [..., n_new, n_embd] of one sequence or of a batch,
     and the updated cache (None without one). `block` is `transformer_block` or a function that wraps
-    it (training runs all the layers as one block of stacked weights, see train_jax.scanned_blocks)."""
+    it (training runs all the layers as one block of stacked weights, see step.scanned_blocks)."""
     embd_key, *block_keys = split_key(key, len(blocks) + 1)
     x = dropout(embed(inputs, wte, wpe, start, pad), rate, embd_key)  # [..., n_new, n_embd]
     new_cache = []

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 
+from checkpoints import model_params
 from cli import UserError, log
 from formats import flatten, import_tensorflow
 from gpt2 import generate
@@ -69,7 +70,7 @@ def peak_flops(devices, dtype, per_device=0.0):
         return per_device * len(devices), "--peak_flops"
     peak = next((peaks[dtype] for pattern, peaks in PEAK_FLOPS if pattern.lower() in kind.lower()), None)
     if peak is None:
-        return None, f"{kind} is not in train_jax.PEAK_FLOPS: give --peak_flops to see MFU"
+        return None, f"{kind} is not in monitor.PEAK_FLOPS: give --peak_flops to see MFU"
     return peak * len(devices), f"the {dtype} datasheet peak of {kind}"
 
 
@@ -141,6 +142,17 @@ def sample_prompt_ids(encoder, prompt, hparams):
     except UserError as e:
         raise UserError(f"--sample_prompt {str(prompt)!r}: {e}")
     return ids, min(SAMPLE_TOKENS, hparams["n_ctx"] - len(ids))
+
+
+def sample_hook(encoder, prompt_ids, n_new, n_head, gather):
+    """Training params -> the greedy continuation of `prompt_ids` (`gather` makes the params whole on every
+    process; the text is generated on process 0, None elsewhere)."""
+
+    def sample(params, main_process):
+        host_params = model_params(gather(params), len(encoder.encoder))
+        return sample_text(host_params, encoder, prompt_ids, n_head, n_new) if main_process else None
+
+    return sample
 
 
 def sample_text(params, encoder, prompt_ids, n_head, n_new):

@@ -22,7 +22,7 @@ import sys
 import time
 
 from aot import check_fit
-from checkpoints import check_resume, check_resume_batch, checkpoint_manager, export, finished_step, model_params, restore_checkpoint, save_checkpoint, write_config
+from checkpoints import check_resume, check_resume_batch, checkpoint_manager, export, finished_step, restore_checkpoint, save_checkpoint, write_config
 from cli import UserError, check_folder, check_number, check_positive_int, check_seed, run_cli
 from data import EVAL_STREAM, SHAKESPEARE_URL, TRAIN_STREAM, batch_offsets, ensure_data, gpt2_vocab, load_split, prepare, read_meta, sharded_batch
 from encoder import load_encoder
@@ -36,8 +36,8 @@ from monitor import (
     peak_flops,
     progress_line,
     reporter,
+    sample_hook,
     sample_prompt_ids,
-    sample_text,
     track_bad_steps,
     window_speed,
 )
@@ -122,7 +122,7 @@ def finished_run(flags):
 def load_run(flags):
     """The run's data, model and devices: {'hparams', 'params', 'vocab_dir', 'mesh', 'plan' (see
     batch_plan), 'train'/'val' (the splits' ids), 'encoder' (for samples and HellaSwag, else None),
-    'tokens_per_step'}."""
+    'prompt' (--sample_prompt's ids and the tokens to add), 'tokens_per_step'}."""
     ensure_data(flags["data_dir"], flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(flags["data_dir"]))
     mesh = device_mesh(flags["mesh"])
@@ -132,8 +132,9 @@ def load_run(flags):
         check_resume_batch(flags["out_dir"], plan)
     splits = {split: load_split(flags["data_dir"], split, flags["block_size"], hparams["n_vocab"]) for split in ("train", "val")}
     encoder = load_encoder(vocab_dir) if flags["sample_every"] or flags["hellaswag_every"] else None
+    prompt = sample_prompt_ids(encoder, flags["sample_prompt"], hparams) if flags["sample_every"] else None  # (ids, n_new)
     tokens_per_step = plan["grad_accum"] * plan["global_batch"] * flags["block_size"]
-    run = dict(hparams=hparams, params=params, vocab_dir=vocab_dir, mesh=mesh, plan=plan, encoder=encoder, tokens_per_step=tokens_per_step)
+    run = dict(hparams=hparams, params=params, vocab_dir=vocab_dir, mesh=mesh, plan=plan, encoder=encoder, prompt=prompt, tokens_per_step=tokens_per_step)
     return {**run, **splits}
 
 
@@ -193,27 +194,12 @@ def compile_programs(flags, run, state, shardings, start, report):
         "eval_batches": eval_batches,
         "track": jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated),
         "fresh_tracker": jax.jit(no_bad_step, out_shardings=replicated),
-        "sample": sample_hook(flags, run, jax.jit(unstacked, out_shardings=replicated)) if flags["sample_every"] else None,
+        "sample": sample_hook(run["encoder"], *run["prompt"], hparams["n_head"], jax.jit(unstacked, out_shardings=replicated)) if run["prompt"] else None,
         "hellaswag": hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None,
         "model": jax.jit(unstacked, out_shardings=model_shardings),
         "schedule": schedule,
         "speed": (run["tokens_per_step"], flops_per_step, peak),
     }
-
-
-def sample_hook(flags, run, gather):
-    """Training params -> the greedy continuation of --sample_prompt (on process 0; gathered on all)."""
-    prompt_ids, n_sample = sample_prompt_ids(run["encoder"], flags["sample_prompt"], run["hparams"])
-
-    def sample(params, main_process):
-        host_params = model_params(gather(params), len(run["encoder"].encoder))  # every process can read the whole params
-        return sample_text(host_params, run["encoder"], prompt_ids, run["hparams"]["n_head"], n_sample) if main_process else None
-
-    return sample
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop
 
 
 def fit(flags, clock=time.perf_counter):
