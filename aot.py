@@ -13,7 +13,7 @@ from data import read_meta
 from formats import HF_FILES, RELEASED_HPARAMS, expected_shapes, hf_hparams, load_hparams, unflatten
 from monitor import flops_per_token
 from sharding import GiB, batch_sharding, check_fits, memory_per_device, parse_mesh, state_shardings, topology_devices
-from step import OPTIMIZER_FLAGS, batch_plan, init_state, jit_train_step, make_optimizer, resolve_remat, step_args
+from step import batch_plan, init_state, jit_train_step, resolve_remat, run_optimizer, step_args
 from utils import download_hf_files, folder_layout, is_hub_id
 
 def model_shape(flags):
@@ -57,7 +57,7 @@ def compiled_train_step(flags, hparams, mesh):
     import jax
 
     params = abstract_params(hparams)
-    optimizer, _ = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
+    optimizer, _ = run_optimizer(flags)
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer, flags["seed"]), params)
     shardings = state_shardings(abstract, optimizer, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

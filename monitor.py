@@ -86,6 +86,26 @@ def progress_line(done, max_iters, loss, lr, speed):
     return line + (f", MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
 
 
+def new_window(first, clock, fresh_tracker):
+    """A logging window from step `first`: its start time and a fresh bad-step tracker (on the device)."""
+    return {"first": first, "start": clock(), "tracker": fresh_tracker()}
+
+
+def report_window(report, metrics, window, timed, done, flags, schedule, speed_of, last_checkpoint, clock):
+    """At a read-back after step `done`: its loss (waiting for the step), the window's speed (added to
+    `timed`) and skipped updates, reported; a NaN under --nan_policy stop raises here. `speed_of` is
+    (tokens per step, FLOPs per step, peak FLOP/s). Returns (loss, updates skipped)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
+    window_s, window_steps = clock() - window["start"], done - window["first"]
+    timed.update(steps=timed["steps"] + window_steps, seconds=timed["seconds"] + window_s)
+    skipped = check_bad_steps(window["tracker"], done, window_steps, flags["nan_policy"], last_checkpoint, report.say)
+    lr = float(schedule(done - 1))
+    speed = window_speed(window_s, window_steps, *speed_of)
+    scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, **{f"speed/{k}": v for k, v in speed.items() if k != "ms_per_step"}}
+    report.progress(progress_line(done, flags["max_iters"], loss, lr, speed), done, scalars)
+    return loss, skipped
+
+
 def no_bad_step():
     """What `track_bad_steps` carries on the device between read-backs."""
     import jax.numpy as jnp
@@ -203,3 +223,16 @@ def reporter(out_dir, main_process):
 
     tick = lambda: run["bar"].update()
     return types.SimpleNamespace(main_process=main_process, say=say, compiling=compiling, start=start, tick=tick, progress=progress, scalars=scalars, flush=flush, close=close)
+
+
+def summarize(report, state, losses, best, timed, skipped, tokens_per_step, out_dir):
+    """The summary `train_jax.fit` returns, its figures reported: the mean speed over the timed windows,
+    the skipped updates, the best val loss."""
+    summary = {"state": state, "losses": losses, "best_val_loss": best[0], "best_step": best[1], "skipped": skipped}
+    if timed["steps"]:
+        summary.update(ms_per_step=1e3 * timed["seconds"] / timed["steps"], tokens_per_s=tokens_per_step * timed["steps"] / timed["seconds"])
+        report.say(f"{summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s over {timed['steps']} steps")
+    if skipped:
+        report.say(f"{skipped} updates skipped at a non-finite loss (--nan_policy skip)")
+    report.say(f"best val loss {best[0]:.4f} at step {best[1]}; checkpoints in {os.path.join(out_dir, 'checkpoints')}")
+    return summary

@@ -163,6 +163,11 @@ def make_optimizer(learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_d
     return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), adamw), schedule
 
 
+def run_optimizer(flags):
+    """(optimizer, schedule) of a run's flags (its OPTIMIZER_FLAGS)."""
+    return make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
+
+
 def init_state(params, optimizer, seed):
     """The train state of the params (a list of blocks): training's stacked params, the optimizer
     state and the dropout key."""
@@ -189,7 +194,7 @@ def state_shape(config):
     import jax
 
     flags, hparams = config["flags"], config["hparams"]
-    optimizer, _ = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
+    optimizer, _ = run_optimizer(flags)
     return jax.eval_shape(lambda: init_state(init_params(hparams, 0), optimizer, 0))
 
 
@@ -259,6 +264,17 @@ def jit_train_step(shardings, batch, **step_args):
 
     step = functools.partial(train_step, **step_args, compute_shardings=gathered(shardings["params"]))
     return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch, batch), out_shardings=(shardings, shardings["key"]))
+
+
+def jit_eval_loss(shardings, batch, n_head, dtype, loss_chunk, **_):
+    """`loss_fn` without dropout, jitted for the mesh: params placed by `shardings`, inputs and targets
+    split by `batch` ([batch, n_seq] each); takes `step_args`."""
+    import functools
+
+    import jax
+
+    args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, loss_chunk=loss_chunk, compute_shardings=gathered(shardings))
+    return jax.jit(functools.partial(loss_fn, **args), in_shardings=(shardings, batch, batch))
 
 
 def estimate_loss(eval_loss, params, batches):

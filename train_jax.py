@@ -14,7 +14,6 @@ run step for step.
 """
 
 
-import functools
 import math
 import os
 import re
@@ -28,21 +27,9 @@ from data import EVAL_STREAM, SHAKESPEARE_URL, TRAIN_STREAM, batch_offsets, ensu
 from encoder import load_encoder
 from evaluation import evaluate, hellaswag_hook, hellaswag_line
 from formats import VOCAB_FILES, read_json, unstacked
-from monitor import (
-    check_bad_steps,
-    flops_per_token,
-    n_params,
-    no_bad_step,
-    peak_flops,
-    progress_line,
-    reporter,
-    sample_hook,
-    sample_prompt_ids,
-    track_bad_steps,
-    window_speed,
-)
-from sharding import batch_sharding, check_fits, device_mesh, gathered, initialize_distributed, param_shardings
-from step import OPTIMIZER_FLAGS, REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_train_step, loss_fn, make_optimizer, step_args
+from monitor import flops_per_token, n_params, new_window, no_bad_step, peak_flops, report_window, reporter, sample_hook, sample_prompt_ids, summarize, track_bad_steps
+from sharding import batch_sharding, check_fits, device_mesh, initialize_distributed, param_shardings
+from step import REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_optimizer, step_args
 from utils import load_encoder_hparams_and_params, resolve_model_dir
 
 DTYPES = ("float32", "bfloat16")
@@ -141,8 +128,7 @@ def load_run(flags):
 def start_state(flags, run, report):
     """(train state, its shardings, the checkpoint manager, the first step): a new state on the mesh
     (and config.json written), or with --resume the latest checkpoint's."""
-    optimizer, _ = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
-    state, shardings = init_sharded_state(run["params"], optimizer, flags["seed"], run["mesh"])
+    state, shardings = init_sharded_state(run["params"], run_optimizer(flags)[0], flags["seed"], run["mesh"])
     manager, out_dir = checkpoint_manager(flags["out_dir"], flags["keep"]), flags["out_dir"]
     if flags["resume"]:
         if manager.latest_step() is None:
@@ -164,13 +150,11 @@ def compile_programs(flags, run, state, shardings, start, report):
     import jax
 
     seed, block_size, mesh, hparams, plan = flags["seed"], flags["block_size"], run["mesh"], run["hparams"], run["plan"]
-    optimizer, schedule = make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
+    optimizer, schedule = run_optimizer(flags)
     args = step_args(flags, hparams, optimizer, mesh)
     batch_shape, batch, eval_batch = (plan["grad_accum"], plan["global_batch"]), batch_sharding(mesh, 3, axis=1), batch_sharding(mesh, 2, axis=0)
     offsets = lambda step: batch_offsets(seed, TRAIN_STREAM, step, batch_shape, run["train"], block_size)
     train_batch = lambda step: sharded_batch(run["train"], offsets(step), block_size, batch)
-    eval_args = dict(key=None, n_head=args["n_head"], rate=0.0, dtype=args["dtype"], loss_chunk=args["loss_chunk"])
-    eval_fn = functools.partial(loss_fn, **eval_args, compute_shardings=gathered(shardings["params"]))
     eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, (flags["eval_iters"], plan["global_batch"]), ids, block_size)
     eval_batches = {split: [sharded_batch(run[split], o, block_size, eval_batch) for o in eval_offsets(run[split])] for split in ("train", "val")}
     model_shardings = param_shardings(run["params"], mesh)  # gpt2.py's list of blocks, for HellaSwag
@@ -190,7 +174,7 @@ def compile_programs(flags, run, state, shardings, start, report):
     return {
         "batch": train_batch,
         "step": step_fn,
-        "eval_loss": jax.jit(eval_fn, in_shardings=(shardings["params"], eval_batch, eval_batch)),
+        "eval_loss": jit_eval_loss(shardings["params"], eval_batch, **args),
         "eval_batches": eval_batches,
         "track": jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated),
         "fresh_tracker": jax.jit(no_bad_step, out_shardings=replicated),
@@ -218,7 +202,7 @@ def fit(flags, clock=time.perf_counter):
     state, shardings, manager, start = start_state(flags, run, report)
     programs = compile_programs(flags, run, state, shardings, start, report)
     losses, best, timed, skipped = {}, (math.inf, None), {"steps": 0, "seconds": 0.0}, 0
-    window = new_window(programs, start, clock)
+    window = new_window(start, clock, programs["fresh_tracker"])
     report.start(start, flags["max_iters"])
     try:
         for step in range(start, flags["max_iters"]):
@@ -229,7 +213,7 @@ def fit(flags, clock=time.perf_counter):
             due = due_at(done, flags)
             if not any(due.values()):
                 continue  # the host goes on preparing batches while the device works
-            losses[done], skips = report_window(report, flags, programs, metrics, window, timed, done, manager.latest_step(), clock)
+            losses[done], skips = report_window(report, metrics, window, timed, done, flags, programs["schedule"], programs["speed"], manager.latest_step(), clock)
             skipped += skips
             val_loss = evaluate_now(report, programs, state["params"], done) if due["eval"] else None
             best = min(best, (val_loss, done)) if due["eval"] else best
@@ -240,11 +224,11 @@ def fit(flags, clock=time.perf_counter):
             if due["save"] or (due["eval"] and best[1] == done):
                 save_checkpoint(manager, done, state, flags["seed"], val_loss)
                 report.flush()
-            window = new_window(programs, done, clock)
+            window = new_window(done, clock, programs["fresh_tracker"])
     finally:
         report.close()
         manager.close()
-    return summarize(report, flags, state, losses, best, timed, skipped, run["tokens_per_step"])
+    return summarize(report, state, losses, best, timed, skipped, run["tokens_per_step"], flags["out_dir"])
 
 
 def due_at(done, flags):
@@ -259,25 +243,6 @@ def due_at(done, flags):
         "hellaswag": bool(flags["hellaswag_every"]) and done % flags["hellaswag_every"] == 0,
     }
     return {"log": done % flags["log_interval"] == 0 or any(due.values()), **due}
-
-
-def new_window(programs, first, clock):
-    """A logging window from step `first`: its start time and a fresh bad-step tracker."""
-    return {"first": first, "start": clock(), "tracker": programs["fresh_tracker"]()}
-
-
-def report_window(report, flags, programs, metrics, window, timed, done, last_checkpoint, clock):
-    """At a read-back: the step's loss (waiting for it), the window's speed and skipped updates, reported
-    (a NaN under --nan_policy stop raises here); returns (loss, updates skipped)."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
-    window_s, window_steps = clock() - window["start"], done - window["first"]
-    timed.update(steps=timed["steps"] + window_steps, seconds=timed["seconds"] + window_s)
-    skipped = check_bad_steps(window["tracker"], done, window_steps, flags["nan_policy"], last_checkpoint, report.say)
-    lr = float(programs["schedule"](done - 1))
-    speed = window_speed(window_s, window_steps, *programs["speed"])
-    scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, **{f"speed/{k}": v for k, v in speed.items() if k != "ms_per_step"}}
-    report.progress(progress_line(done, flags["max_iters"], loss, lr, speed), done, scalars)
-    return loss, skipped
 
 
 def evaluate_now(report, programs, params, done):
@@ -297,18 +262,6 @@ def hellaswag_now(report, programs, params, done):
     acc, acc_norm, n_examples = programs["hellaswag"](programs["model"](params))  # on every process: the forward is sharded
     report.say(f"step {done}: {hellaswag_line(acc, acc_norm, n_examples)}")
     report.scalars(done, {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm})
-
-
-def summarize(report, flags, state, losses, best, timed, skipped, tokens_per_step):
-    """The run's summary (see `fit`), its figures reported."""
-    summary = {"state": state, "losses": losses, "best_val_loss": best[0], "best_step": best[1], "skipped": skipped}
-    if timed["steps"]:
-        summary.update(ms_per_step=1e3 * timed["seconds"] / timed["steps"], tokens_per_s=tokens_per_step * timed["steps"] / timed["seconds"])
-        report.say(f"{summary['ms_per_step']:.1f} ms/step, {summary['tokens_per_s']:,.0f} tokens/s over {timed['steps']} steps")
-    if skipped:
-        report.say(f"{skipped} updates skipped at a non-finite loss (--nan_policy skip)")
-    report.say(f"best val loss {best[0]:.4f} at step {best[1]}; checkpoints in {os.path.join(flags['out_dir'], 'checkpoints')}")
-    return summary
 
 
 def train(
