@@ -200,5 +200,20 @@ def fit_losses(runs):
     return [{str(step): loss for step, loss in losses(flags).items()} for flags in runs]
 
 
+def cases(cases):
+    """Several of these checks in one process: one JAX start-up, and what they compile alike (a
+    train step two runs share, the fit check's steps) compiled once, through JAX's compilation cache.
+    `cases` is [name, function, kwargs] each; a JSON line [name, result] is printed as each finishes
+    (the result {"error": traceback} if it raised), so a test waits for its own case only."""
+    import traceback
+
+    for name, function, kwargs in cases:
+        try:
+            outcome = globals()[function](**kwargs)
+        except Exception:
+            outcome = {"error": traceback.format_exc()}
+        print(json.dumps([name, outcome]), flush=True)
+
+
 if __name__ == "__main__":
-    print(json.dumps(globals()[sys.argv[1]](**json.loads(sys.argv[2]))))
+    print(json.dumps(globals()[sys.argv[1]](**json.loads(sys.argv[2]))), flush=True)

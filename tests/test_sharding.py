@@ -3,15 +3,21 @@
 A process's device count is fixed when JAX starts, so every check runs in a subprocess
 (multi_device.py) with 8 devices, or two processes with 4 each joined by jax.distributed; this
 process keeps its one device. Each sharded result is compared with the same computation unsharded.
+
+The checks that only read a result (a loss, bytes, specs) run as cases of ONE such process, started
+in the background at the first test that needs one (`shared`): one JAX start-up, the programs two
+checks share compiled once, and the tests that run scripts go on meanwhile.
 """
 
 import importlib.util
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import PROMPT, ROOT, float32_tolerance, forward_length, prepared_text
@@ -29,9 +35,15 @@ SCHEDULE = dict(warmup_iters=0, lr_decay_iters=10, learning_rate=1e-2, eval_iter
 LOSS_TOLERANCE = float32_tolerance(1.0, forward_length({"n_layer": 2, "n_embd": 32}, 16) + 2 * 8 * 16)
 
 
+
 def device_env(n_devices):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
-    return {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": ROOT}
+    """The subprocesses' environment: `n_devices` CPU devices, XLA's LLVM back end at -O0, and every
+    program kept in the session's compilation cache (conftest) however fast it compiled, for the next
+    process that compiles it. These programs are tiny: compiling them is what takes the time, and
+    -O0 halves it; it changes no result beyond float32 rounding (each sharded result is compared with
+    the unsharded one compiled alike, generation's tokens with this process's within the margins)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices} --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def start(function, n_devices=8, **kwargs):
@@ -71,10 +83,109 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_mesh_specs_parse_and_bad_ones_name_what_fits():
-    good = ["dp=8", "fsdp=-1,tp=2", "dp=2,fsdp=2,tp=2", "tp=2,dp=-1", ""]
-    bad = ["pp=2", "dp=3", "dp=-1,tp=3", "dp=-1,tp=-1", "dp=two", "dp=0,tp=8"]
-    meshes = on_devices("mesh_specs", specs=good + bad)
+# ---------------------------------------------------------------------------------------------
+# The cases of the shared process: name -> (multi_device's function, its kwargs from the data
+# folder and a folder for the runs), in the order the process runs them.
+
+GOOD_SPECS = ["dp=8", "fsdp=-1,tp=2", "dp=2,fsdp=2,tp=2", "tp=2,dp=-1", ""]
+BAD_SPECS = ["pp=2", "dp=3", "dp=-1,tp=3", "dp=-1,tp=-1", "dp=two", "dp=0,tp=8"]
+# One device with 8 sequences, dp=8 and fsdp=8 with 1 each, dp=2,fsdp=2,tp=2 with 2 each: one global batch.
+SAME_BATCH = [("", 8), ("dp=8", 1), ("fsdp=8", 1), ("dp=2,fsdp=2,tp=2", 2)]
+THREE_STEPS = dict(max_iters=3, ckpt_interval=3, eval_interval=3)
+VARIANTS = [dict(remat=remat, loss_chunk=chunk) for remat in ("none", "dots", "block") for chunk in (0, 4)]
+FIT_CHECK = lambda data_dir: run_flags(data_dir, "out", mesh="dp=8", n_layer=1)
+
+
+def same_batch_runs(data_dir, out):
+    return [run_flags(data_dir, out / f"batch {mesh}", mesh=mesh, batch_size=batch_size, **THREE_STEPS) for mesh, batch_size in SAME_BATCH]
+
+
+CASES = {
+    "mesh specs": lambda data_dir, out: ("mesh_specs", dict(specs=GOOD_SPECS + BAD_SPECS)),
+    "batch plans": lambda data_dir, out: (
+        "batch_plans", dict(specs=["", "dp=8", "dp=2,fsdp=2,tp=2", "tp=8"], flags=dict(batch_size=2, block_size=16, total_batch_tokens=1024))
+    ),
+    "fsdp bytes": lambda data_dir, out: ("fsdp_bytes", dict(spec="fsdp=8")),
+    "step bytes": lambda data_dir, out: ("step_bytes", dict(flags=FIT_CHECK(data_dir), batch_sizes=list(range(1, 9)))),
+    "one step": lambda data_dir, out: ("one_step", dict(specs=list(MESHES))),
+    "same batch": lambda data_dir, out: ("fit_losses", dict(runs=same_batch_runs(data_dir, out))),
+    # Two steps on dp=8 then the third on fsdp=4,tp=2 (batch 2: the same 8 sequences), against same batch's dp=8 run.
+    "resume": lambda data_dir, out: ("fit_losses", dict(runs=[
+        run_flags(data_dir, out / "cut", mesh="dp=8", max_iters=2, ckpt_interval=2, eval_interval=2),
+        run_flags(data_dir, out / "cut", mesh="fsdp=4,tp=2", batch_size=2, resume=True, **THREE_STEPS),
+    ])),  # fmt: skip
+    "loss grads": lambda data_dir, out: ("loss_grads", dict(specs=["dp=2,fsdp=2,tp=2", "fsdp=8"], variants=VARIANTS)),
+}
+
+
+def uses(*cases):
+    """Marks a test as reading these cases of the shared process (only the selected tests' run)."""
+
+    def mark(test):
+        test.cases = cases
+        return test
+
+    return mark
+
+
+class Shared:
+    """multi_device.cases running in the background; `[name]` waits for that case's result."""
+
+    def __init__(self, cases, stderr_path):
+        self.stderr_path, self.stderr = stderr_path, open(stderr_path, "w")
+        command = [sys.executable, "multi_device.py", "cases", json.dumps({"cases": cases})]
+        self.process = subprocess.Popen(command, cwd=TESTS, env=device_env(8), stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.lines, self.results = queue.Queue(), {}
+        threading.Thread(target=lambda: [*map(self.lines.put, self.process.stdout), self.lines.put(None)], daemon=True).start()
+
+    def __getitem__(self, name):
+        while name not in self.results:
+            try:
+                line = self.lines.get(timeout=600)
+            except queue.Empty:
+                pytest.fail(f"no result of case {name!r} in 600 s")
+            if line is None:
+                self.process.wait()
+                pytest.fail(f"multi_device.py ended (exit {self.process.returncode}) before case {name!r}:\n{self.tail()}")
+            if line.startswith("["):  # a case's JSON line; anything else a library printed
+                case, outcome = json.loads(line)
+                self.results[case] = outcome
+        outcome = self.results[name]
+        if isinstance(outcome, dict) and "error" in outcome:
+            pytest.fail(f"case {name!r} raised:\n{outcome['error']}")
+        return outcome
+
+    def tail(self):
+        self.stderr.flush()
+        with open(self.stderr_path) as f:
+            return f.read()[-4000:]
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def shared(request, data_dir, tmp_path_factory):
+    """The cases the selected tests of this module read, in one background process of 8 devices."""
+    ours = [item for item in request.session.items if getattr(item, "module", None) is request.module]
+    wanted = {case for item in ours for case in getattr(item.function, "cases", ())}
+    out = tmp_path_factory.mktemp("shared")
+    cases = [[name, *build(data_dir, out)] for name, build in CASES.items() if name in wanted]
+    process = Shared(cases, str(out / "stderr.txt"))
+    yield process
+    process.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes and batches
+
+
+@uses("mesh specs")
+def test_mesh_specs_parse_and_bad_ones_name_what_fits(shared):
+    meshes = shared["mesh specs"]
     assert meshes["dp=8"] == {"dp": 8, "fsdp": 1, "tp": 1}
     assert meshes["fsdp=-1,tp=2"] == {"dp": 1, "fsdp": 4, "tp": 2}
     assert meshes["dp=2,fsdp=2,tp=2"] == {"dp": 2, "fsdp": 2, "tp": 2}
@@ -86,6 +197,29 @@ def test_mesh_specs_parse_and_bad_ones_name_what_fits():
     assert "only one axis can be -1" in meshes["dp=-1,tp=-1"]
     assert "give dp a positive number of devices" in meshes["dp=two"]
     assert "give dp a positive number of devices" in meshes["dp=0,tp=8"]
+
+
+@uses("batch plans")
+def test_total_batch_tokens_sets_the_accumulation_over_the_data_parallel_ranks(shared):
+    plans = shared["batch plans"]
+    assert plans[""] == {"global_batch": 2, "grad_accum": 32}  # 1024 / (2 * 16)
+    assert plans["dp=8"] == {"global_batch": 16, "grad_accum": 4}  # 1024 / (2 * 16 * 8)
+    assert plans["dp=2,fsdp=2,tp=2"] == {"global_batch": 8, "grad_accum": 8}  # a tp group shares its batch
+    assert plans["tp=8"] == {"global_batch": 2, "grad_accum": 32}
+
+
+@uses("fsdp bytes")
+def test_fsdp8_holds_an_eighth_of_the_params_and_optimizer_state_on_each_device(shared):
+    held = shared["fsdp bytes"]
+    for name in ("params", "opt_state"):
+        per_device = held["per_device"][name]
+        assert len(per_device) == 8
+        for n_bytes in per_device.values():  # the optimizer's step counts are replicated: a few bytes more
+            assert held["total"][name] / 8 <= n_bytes < 1.01 * held["total"][name] / 8, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts (these run while the shared process computes)
 
 
 @pytest.mark.parametrize(
@@ -105,48 +239,6 @@ def test_a_mesh_the_model_or_batch_does_not_fit_is_a_one_line_error(mesh, flags,
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
 
 
-def test_one_train_step_under_each_mesh_equals_the_unsharded_step():
-    steps = on_devices("one_step", specs=list(MESHES))
-    expected = steps.pop("unsharded")["loss"]
-    for mesh, step in steps.items():
-        assert step["loss"] == pytest.approx(expected, rel=LOSS_TOLERANCE), mesh
-        # Adam's first step moves a weight by lr * g / (|g| + 1e-8) = +-lr (lr = 1e-2): a gradient's
-        # float32 rounding (relative LOSS_TOLERANCE, ~7e-6) changes that only for gradients within
-        # that rounding of 1e-8 of zero; 5e-3 lr lets through none of the lr-sized moves a wrongly
-        # split gradient makes. (A bound from the loss alone cannot be had: see issue-10 report.)
-        assert step["max_param_diff"] < 5e-3 * 1e-2, mesh
-    # The train state stacks the blocks ([n_layer, ...]): the layer axis is never split, so fsdp
-    # gathers one layer at a time; each layer's dimensions are split as the rules say.
-    assert steps["dp=8"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, None)"  # dp replicates the weights
-    assert steps["fsdp=8"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, 'fsdp')"  # the largest dimension
-    assert steps["fsdp=8"]["specs"]["blocks/mlp/c_proj/w"] == "P(None, 'fsdp', None)"
-    assert steps["dp=2,tp=4"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, 'tp')"  # column-parallel
-    assert steps["dp=2,tp=4"]["specs"]["blocks/mlp/c_proj/w"] == "P(None, 'tp', None)"  # row-parallel
-    assert steps["dp=2,tp=4"]["specs"]["wte"] == "P('tp', None)"  # split over the vocabulary
-    assert steps["dp=2,tp=4"]["specs"]["ln_f/g"] == "P(None,)"
-    assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/mlp/c_fc/w"] == "P(None, 'fsdp', 'tp')"
-
-
-def test_batch_size_counts_per_data_parallel_rank_so_each_mesh_trains_the_same_batch(data_dir, tmp_path):
-    """One device with 8 sequences, dp=8 and fsdp=8 with 1 each, dp=2,fsdp=2,tp=2 with 2 each: the same
-    global batch, so the same losses step for step (float32 reduction order apart)."""
-    runs = [("", 8), ("dp=8", 1), ("fsdp=8", 1), ("dp=2,fsdp=2,tp=2", 2)]
-    flags = lambda mesh, batch_size: run_flags(data_dir, tmp_path / f"{mesh}", mesh=mesh, batch_size=batch_size, max_iters=3, eval_interval=3)
-    expected, *others = on_devices("fit_losses", runs=[flags(*run) for run in runs])
-    assert list(expected) == ["1", "2", "3"]
-    for (mesh, _), losses in zip(runs[1:], others):
-        assert losses == pytest.approx(expected, rel=1e-5), mesh  # ~100 eps: sums over 128 tokens, through 2 AdamW steps
-
-
-def test_total_batch_tokens_sets_the_accumulation_over_the_data_parallel_ranks():
-    flags = dict(batch_size=2, block_size=16, total_batch_tokens=1024)
-    plans = on_devices("batch_plans", specs=["", "dp=8", "dp=2,fsdp=2,tp=2", "tp=8"], flags=flags)
-    assert plans[""] == {"global_batch": 2, "grad_accum": 32}  # 1024 / (2 * 16)
-    assert plans["dp=8"] == {"global_batch": 16, "grad_accum": 4}  # 1024 / (2 * 16 * 8)
-    assert plans["dp=2,fsdp=2,tp=2"] == {"global_batch": 8, "grad_accum": 8}  # a tp group shares its batch
-    assert plans["tp=8"] == {"global_batch": 2, "grad_accum": 32}
-
-
 def test_mesh_dp8_with_the_default_flags_trains_on_8_devices(data_dir, tmp_path):
     args = ["--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--data_url=", "--max_iters=1", "--eval_iters=1", "--peak_flops=1e9"]
     done = run_script("train_jax.py", "--mesh", "dp=8", *args)
@@ -156,34 +248,9 @@ def test_mesh_dp8_with_the_default_flags_trains_on_8_devices(data_dir, tmp_path)
     assert "peak 1 GFLOP/s (--peak_flops)" in start  # faked CPU devices share the host's peak, not 8 times it
 
 
-def test_remat_and_chunked_loss_give_the_plain_loss_and_gradients_sharded_and_not():
-    variants = [dict(remat=remat, loss_chunk=chunk) for remat in ("none", "dots", "block") for chunk in (0, 4)]
-    results = on_devices("loss_grads", specs=["dp=2,fsdp=2,tp=2", "fsdp=8"], variants=variants)
-    assert len(results) == 3 * len(variants)
-    for name, difference in results.items():
-        # float32: a loss and gradients summed in another order over 128 tokens and 64 logits differ by a few
-        # eps (1.2e-7) times the sqrt of the reduction length (~90) relative to their scale
-        assert difference["loss"] < 1e-6 and difference["grads"] < 1e-5, name
-
-
 def compile_args(data_dir, mesh, batch_size, *more):
     flags = run_flags(data_dir, "out", mesh=mesh, batch_size=batch_size, n_layer=1)
     return ["train_jax.py", "compile", *[f"--{k}={v}" for k, v in flags.items() if v != ""], *more]
-
-
-def test_compile_local_says_whether_the_step_fits_and_the_largest_batch_that_does(data_dir):
-    needed = on_devices("step_bytes", flags=run_flags(data_dir, "out", mesh="dp=8", n_layer=1), batch_sizes=list(range(1, 9)))
-    done = run_script(*compile_args(data_dir, "dp=8", 8))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"cpu x 8 .*--batch_size 8 per rank.* of .* per device, [\d.]+ TFLOP per step per device \(6N \+ attention\): fits$", done.stdout.strip())
-    limit = needed["2"]  # what two sequences per rank need: 8 do not fit, 2 do
-    done = run_script(*compile_args(data_dir, "dp=8", 8, f"--device_memory={limit}"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("does not fit")
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    largest = max(int(b) for b, n in needed.items() if n <= limit)
-    assert len(errors) == 1 and f"the largest --batch_size that fits is {largest} (per dp*fsdp rank)" in errors[0]
-    assert re.search(r"needs [\d.]+ MiB per device but a cpu holds [\d.]+ MiB", errors[0])
 
 
 def test_compile_for_a_tpu_topology(data_dir):
@@ -206,45 +273,6 @@ def test_bfloat16_keeps_the_activations_in_bfloat16_in_the_program_compiled_for_
     found = on_devices("activation_dtypes", topology="v5e:2x2", flags=flags)
     assert found["activations"].get("bf16") and found["rows"].get("bf16") and found["saved"].get("bf16"), found
     assert not any("f32" in counts for counts in found.values()), found
-
-
-def test_fsdp8_holds_an_eighth_of_the_params_and_optimizer_state_on_each_device():
-    held = on_devices("fsdp_bytes", spec="fsdp=8")
-    for name in ("params", "opt_state"):
-        per_device = held["per_device"][name]
-        assert len(per_device) == 8
-        for n_bytes in per_device.values():  # the optimizer's step counts are replicated: a few bytes more
-            assert held["total"][name] / 8 <= n_bytes < 1.01 * held["total"][name] / 8, name
-
-
-def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_loss(data_dir, tmp_path):
-    whole, first, resumed = on_devices(
-        "fit_losses",
-        runs=[
-            run_flags(data_dir, tmp_path / "whole", mesh="dp=8", max_iters=3, ckpt_interval=3, eval_interval=3),
-            run_flags(data_dir, tmp_path / "cut", mesh="dp=8", max_iters=2, ckpt_interval=2, eval_interval=2),
-            run_flags(data_dir, tmp_path / "cut", mesh="fsdp=4,tp=2", batch_size=2, resume=True, max_iters=3, ckpt_interval=3, eval_interval=3),
-        ],
-    )
-    assert list(resumed) == ["3"]
-    assert first["2"] == pytest.approx(whole["2"], rel=2 * LOSS_TOLERANCE)  # the same mesh: 2 steps, no difference expected
-    assert resumed["3"] == pytest.approx(whole["3"], rel=3 * LOSS_TOLERANCE)  # 3 steps, the 3rd on another mesh
-    assert resumed["3"] != pytest.approx(first["1"], rel=100 * LOSS_TOLERANCE)  # the step learned from the restored state
-
-
-def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir, tmp_path):
-    flags = dict(mesh="dp=2,fsdp=2,tp=2", batch_size=2, max_iters=5, ckpt_interval=5, eval_interval=5)
-    one = start("fit_losses", runs=[run_flags(data_dir, tmp_path / "one", **flags)])
-    address = f"127.0.0.1:{free_port()}"
-    job = dict(coordinator_address=address, num_processes=2)
-    processes = [
-        start("fit_losses", 4, runs=[run_flags(data_dir, tmp_path / "two", **flags, **job, process_id=i)]) for i in range(2)
-    ]
-    (expected,), *per_process = [result(p) for p in (one, *processes)]
-    assert list(expected) == ["1", "2", "3", "4", "5"]
-    for (losses,) in per_process:
-        assert losses == pytest.approx(expected, rel=5 * LOSS_TOLERANCE)  # 5 steps
-    assert os.path.isdir(tmp_path / "two" / "checkpoints" / "5")  # orbax saved across the processes
 
 
 @pytest.mark.parametrize("mesh, prompts", [("fsdp=2,tp=4", [PROMPT]), ("dp=2,fsdp=4", [PROMPT, "Hello, my name is"])])
@@ -280,3 +308,93 @@ def test_bad_multi_host_flags_name_the_fix(flags, message):
     with pytest.raises(UserError) as error:
         initialize_distributed(**flags)
     assert message in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded results against unsharded ones
+
+
+@uses("step bytes")
+def test_compile_local_says_whether_the_step_fits_and_the_largest_batch_that_does(data_dir, shared):
+    needed = shared["step bytes"]  # the programs are in the compilation cache now: the scripts below load them
+    done = run_script(*compile_args(data_dir, "dp=8", 8))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"cpu x 8 .*--batch_size 8 per rank.* of .* per device, [\d.]+ TFLOP per step per device \(6N \+ attention\): fits$", done.stdout.strip())
+    limit = needed["2"]  # what two sequences per rank need: 8 do not fit, 2 do
+    done = run_script(*compile_args(data_dir, "dp=8", 8, f"--device_memory={limit}"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("does not fit")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    largest = max(int(b) for b, n in needed.items() if n <= limit)
+    assert len(errors) == 1 and f"the largest --batch_size that fits is {largest} (per dp*fsdp rank)" in errors[0]
+    assert re.search(r"needs [\d.]+ MiB per device but a cpu holds [\d.]+ MiB", errors[0])
+
+
+@uses("one step")
+def test_one_train_step_under_each_mesh_equals_the_unsharded_step(shared):
+    steps = dict(shared["one step"])
+    expected = steps.pop("unsharded")["loss"]
+    for mesh, step in steps.items():
+        assert step["loss"] == pytest.approx(expected, rel=LOSS_TOLERANCE), mesh
+        # Adam's first step moves a weight by lr * g / (|g| + 1e-8) = +-lr (lr = 1e-2): a gradient's
+        # float32 rounding (relative LOSS_TOLERANCE, ~7e-6) changes that only for gradients within
+        # that rounding of 1e-8 of zero; 5e-3 lr lets through none of the lr-sized moves a wrongly
+        # split gradient makes. (A bound from the loss alone cannot be had: see issue-10 report.)
+        assert step["max_param_diff"] < 5e-3 * 1e-2, mesh
+    # The train state stacks the blocks ([n_layer, ...]): the layer axis is never split, so fsdp
+    # gathers one layer at a time; each layer's dimensions are split as the rules say.
+    assert steps["dp=8"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, None)"  # dp replicates the weights
+    assert steps["fsdp=8"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, 'fsdp')"  # the largest dimension
+    assert steps["fsdp=8"]["specs"]["blocks/mlp/c_proj/w"] == "P(None, 'fsdp', None)"
+    assert steps["dp=2,tp=4"]["specs"]["blocks/attn/c_attn/w"] == "P(None, None, 'tp')"  # column-parallel
+    assert steps["dp=2,tp=4"]["specs"]["blocks/mlp/c_proj/w"] == "P(None, 'tp', None)"  # row-parallel
+    assert steps["dp=2,tp=4"]["specs"]["wte"] == "P('tp', None)"  # split over the vocabulary
+    assert steps["dp=2,tp=4"]["specs"]["ln_f/g"] == "P(None,)"
+    assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/mlp/c_fc/w"] == "P(None, 'fsdp', 'tp')"
+
+
+@uses("same batch")
+def test_batch_size_counts_per_data_parallel_rank_so_each_mesh_trains_the_same_batch(shared):
+    """One device with 8 sequences, dp=8 and fsdp=8 with 1 each, dp=2,fsdp=2,tp=2 with 2 each: the same
+    global batch, so the same losses step for step (float32 reduction order apart)."""
+    expected, *others = shared["same batch"]
+    assert list(expected) == ["1", "2", "3"]
+    for (mesh, _), losses in zip(SAME_BATCH[1:], others):
+        assert losses == pytest.approx(expected, rel=1e-5), mesh  # ~100 eps: sums over 128 tokens, through 2 AdamW steps
+
+
+@uses("same batch", "resume")
+def test_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_loss(shared):
+    whole = shared["same batch"][1]  # dp=8, 3 steps
+    first, resumed = shared["resume"]
+    assert list(resumed) == ["3"]
+    assert first["2"] == pytest.approx(whole["2"], rel=2 * LOSS_TOLERANCE)  # the same mesh: 2 steps, no difference expected
+    assert resumed["3"] == pytest.approx(whole["3"], rel=3 * LOSS_TOLERANCE)  # 3 steps, the 3rd on another mesh
+    assert resumed["3"] != pytest.approx(first["1"], rel=100 * LOSS_TOLERANCE)  # the step learned from the restored state
+
+
+@uses("same batch")
+def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir, tmp_path, shared):
+    """The run of dp=2,fsdp=2,tp=2 (same batch's, in one process of 8 devices) as a job of two processes of 4."""
+    address = f"127.0.0.1:{free_port()}"
+    job = dict(coordinator_address=address, num_processes=2)
+    flags = dict(mesh="dp=2,fsdp=2,tp=2", batch_size=2, **THREE_STEPS)
+    processes = [
+        start("fit_losses", 4, runs=[run_flags(data_dir, tmp_path / "two", **flags, **job, process_id=i)]) for i in range(2)
+    ]
+    per_process = [result(p) for p in processes]
+    expected = shared["same batch"][SAME_BATCH.index(("dp=2,fsdp=2,tp=2", 2))]
+    assert list(expected) == ["1", "2", "3"]
+    for (losses,) in per_process:
+        assert losses == pytest.approx(expected, rel=3 * LOSS_TOLERANCE)  # 3 steps
+    assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3")  # orbax saved across the processes
+
+
+@uses("loss grads")
+def test_remat_and_chunked_loss_give_the_plain_loss_and_gradients_sharded_and_not(shared):
+    results = shared["loss grads"]
+    assert len(results) == 3 * len(VARIANTS)
+    for name, difference in results.items():
+        # float32: a loss and gradients summed in another order over 128 tokens and 64 logits differ by a few
+        # eps (1.2e-7) times the sqrt of the reduction length (~90) relative to their scale
+        assert difference["loss"] < 1e-6 and difference["grads"] < 1e-5, name

@@ -60,9 +60,13 @@ def compilation_cache(tmp_path_factory):
     saved = {name: getattr(jax.config, name) for name in settings}
     for name, value in settings.items():
         jax.config.update(name, value)
+    session_folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")  # conftest's, for the modules after this one
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
     yield
-    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if session_folder is None:
+        del os.environ["JAX_COMPILATION_CACHE_DIR"]
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = session_folder
     for name, value in saved.items():
         jax.config.update(name, value)
 
@@ -402,7 +406,7 @@ def test_checkpoints_keep_the_list_of_blocks_on_disk(data_dir, tmp_path):
 def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
     import jax
 
-    flags = dict(max_iters=200, ckpt_interval=10, eval_interval=10, log_interval=50, keep=2, **TINY, **QUIET)
+    flags = dict(max_iters=40, ckpt_interval=10, eval_interval=10, log_interval=20, keep=2, **TINY, **QUIET)
     argv = ["train_jax.py", "--data_dir", data_dir, "--out_dir", str(tmp_path / "killed")]
     argv += [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in flags.items()]
     process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -412,14 +416,14 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     steps = sorted(int(name) for name in os.listdir(tmp_path / "killed" / "checkpoints") if name.isdigit())
-    assert steps and steps[-1] < 200  # killed part way
+    assert steps and steps[-1] < 40  # killed part way
     resumed = run(*argv, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {tmp_path / 'killed'} at step {steps[-1]}" in resumed.stderr
     whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=str(tmp_path / "whole"), **flags))
     manager = checkpoints.checkpoint_manager(str(tmp_path / "killed"), 2)
-    state, loader = checkpoints.restore_checkpoint(manager, 200, whole["state"])
-    assert loader == {"seed": 1337, "next_batch": 200}
+    state, loader = checkpoints.restore_checkpoint(manager, 40, whole["state"])
+    assert loader == {"seed": 1337, "next_batch": 40}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])):
         np.testing.assert_array_equal(a, b)
 
@@ -564,10 +568,12 @@ def test_export_loads_with_identical_params_and_logits(data_dir, tmp_path):
     if summary["best_step"] != 6:  # export took the best step, not the last
         best, _ = checkpoints.restore_checkpoint(manager, summary["best_step"], summary["state"])
         trained = {p: np.asarray(a) for p, a in flatten(formats.unstacked(best["params"])).items()}
-    assert all((flatten(params)[p] == a).all() for p, a in trained.items())
+    assert all((flatten(params)[p] == a).all() for p, a in trained.items())  # copied: exactly
     inputs = np.array(encoder.encode("ROMEO: speak"))
     expected = gpt2.gpt2(inputs, **unflatten(trained, 2), n_head=2)
-    np.testing.assert_array_equal(gpt2.gpt2(inputs, **params, n_head=2), expected)
+    # The loaded blocks' matrices are the cache's, transposed: BLAS sums their products in another order.
+    tolerance = float32_tolerance(np.abs(expected).max(), forward_length(hparams, len(inputs)))
+    np.testing.assert_allclose(gpt2.gpt2(inputs, **params, n_head=2), expected, rtol=0, atol=tolerance)
     tf_names = {name: list(a.shape) for name, a in read_checkpoint(str(tmp_path / "model")).items()}
     assert tf_names == variable_shapes(hparams)
 
