@@ -9,6 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's top-level modules, installed or not
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tf_reference, http_server
 
+# The tests' programs are tiny: compiling them takes most of the time, and XLA's LLVM back end at -O0
+# compiles them about twice as fast. It changes the machine code, not the HLO, and so no property a test
+# checks: each compares two computations compiled alike, or a reference within float32's bounds.
+# Set before JAX starts, here and in the subprocesses the tests run.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 # A model with the real GPT-2 vocabulary, so real text goes in and out, and little else.
 SMALL_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 PROMPT = "Alan Turing theorized that computers would one day become"

@@ -101,7 +101,7 @@ def test_cli_split_loss_and_hellaswag_equal_numpy(model, tmp_path):
     ids[150:].astype(np.uint16).tofile(tmp_path / "data" / "val_000001.bin")
     path = write_examples(tmp_path / "hellaswag.jsonl", EXAMPLES)
     argv = ["train_jax.py", "eval", "--model_size", model_dir, "--data_dir", str(tmp_path / "data"), "--batch_size", "2"]
-    eight_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    eight_devices = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"}
     for eval_tokens, n_predicted, mesh in ((0, 299, ""), (100, 100, ""), (0, 299, "dp=2,tp=4")):
         done = subprocess.run([sys.executable, *argv, "--eval_tokens", str(eval_tokens), "--hellaswag", path, "--limit", "4",
                                "--mesh", mesh], cwd=ROOT, capture_output=True, text=True, env=eight_devices)  # fmt: skip

@@ -37,12 +37,10 @@ LOSS_TOLERANCE = float32_tolerance(1.0, forward_length({"n_layer": 2, "n_embd": 
 
 
 def device_env(n_devices):
-    """The subprocesses' environment: `n_devices` CPU devices, XLA's LLVM back end at -O0, and every
-    program kept in the session's compilation cache (conftest) however fast it compiled, for the next
-    process that compiles it. These programs are tiny: compiling them is what takes the time, and
-    -O0 halves it; it changes no result beyond float32 rounding (each sharded result is compared with
-    the unsharded one compiled alike, generation's tokens with this process's within the margins)."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices} --xla_backend_optimization_level=0"
+    """The subprocesses' environment: `n_devices` CPU devices (and conftest's XLA flags), every program
+    kept in the session's compilation cache (conftest) however fast it compiled, for the next process
+    that compiles it."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
     return {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
