@@ -84,6 +84,11 @@ def test_the_import_graph_has_no_cycle_and_no_hidden_project_import(capsys):
         print("\nimport graph, bottom layer first:")
         for i, row in enumerate(layers(graph)):
             print(f"  {i}: " + ", ".join(f"{m} <- {', '.join(sorted(graph[m])) or '-'}" for m in row))
+        print("lines per module, and its longest function:")
+        for module in graph:
+            tree = ast.parse(source := open(os.path.join(ROOT, module + ".py"), encoding="utf-8").read())
+            length, name = max((f.end_lineno - f.lineno + 1, f.name) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef))
+            print(f"  {module + '.py':16} {len(source.splitlines()):4}   {name} {length}")
 
 
 def test_the_cycle_finder_finds_a_cycle():
