@@ -266,9 +266,9 @@ def jit_train_step(shardings, batch, **step_args):
     return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch, batch), out_shardings=(shardings, shardings["key"]))
 
 
-def jit_eval_loss(shardings, batch, n_head, dtype, loss_chunk, **_):
-    """`loss_fn` without dropout, jitted for the mesh: params placed by `shardings`, inputs and targets
-    split by `batch` ([batch, n_seq] each); takes `step_args`."""
+def jit_eval_loss(shardings, batch, n_head, dtype, loss_chunk):
+    """`loss_fn` without dropout or remat, jitted for the mesh: params placed by `shardings`, inputs and
+    targets split by `batch` ([batch, n_seq] each)."""
     import functools
 
     import jax

@@ -109,7 +109,7 @@ def finished_run(flags):
 def load_run(flags):
     """The run's data, model and devices: {'hparams', 'params', 'vocab_dir', 'mesh', 'plan' (see
     batch_plan), 'train'/'val' (the splits' ids), 'encoder' (for samples and HellaSwag, else None),
-    'prompt' (--sample_prompt's ids and the tokens to add), 'tokens_per_step'}."""
+    'prompt' (--sample_prompt's ids and the tokens to add), 'optimizer' and its 'schedule', 'tokens_per_step'}."""
     ensure_data(flags["data_dir"], flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(flags["data_dir"]))
     mesh = device_mesh(flags["mesh"])
@@ -120,15 +120,16 @@ def load_run(flags):
     splits = {split: load_split(flags["data_dir"], split, flags["block_size"], hparams["n_vocab"]) for split in ("train", "val")}
     encoder = load_encoder(vocab_dir) if flags["sample_every"] or flags["hellaswag_every"] else None
     prompt = sample_prompt_ids(encoder, flags["sample_prompt"], hparams) if flags["sample_every"] else None  # (ids, n_new)
+    optimizer, schedule = run_optimizer(flags)
     tokens_per_step = plan["grad_accum"] * plan["global_batch"] * flags["block_size"]
-    run = dict(hparams=hparams, params=params, vocab_dir=vocab_dir, mesh=mesh, plan=plan, encoder=encoder, prompt=prompt, tokens_per_step=tokens_per_step)
-    return {**run, **splits}
+    run = dict(hparams=hparams, params=params, vocab_dir=vocab_dir, mesh=mesh, plan=plan, encoder=encoder, prompt=prompt)
+    return {**run, **splits, "optimizer": optimizer, "schedule": schedule, "tokens_per_step": tokens_per_step}
 
 
 def start_state(flags, run, report):
     """(train state, its shardings, the checkpoint manager, the first step): a new state on the mesh
     (and config.json written), or with --resume the latest checkpoint's."""
-    state, shardings = init_sharded_state(run["params"], run_optimizer(flags)[0], flags["seed"], run["mesh"])
+    state, shardings = init_sharded_state(run["params"], run["optimizer"], flags["seed"], run["mesh"])
     manager, out_dir = checkpoint_manager(flags["out_dir"], flags["keep"]), flags["out_dir"]
     if flags["resume"]:
         if manager.latest_step() is None:
@@ -146,19 +147,17 @@ def start_state(flags, run, report):
 def compile_programs(flags, run, state, shardings, start, report):
     """What the loop calls, built once: 'batch' (step -> its sharded inputs and targets), 'step' (the
     train step, compiled here on the first batch), 'eval_loss' and its fixed 'eval_batches', the
-    bad-step tracker, the sample and HellaSwag hooks, the schedule and the speed's FLOPs and peak."""
+    bad-step tracker, the sample and HellaSwag hooks, and the speed's tokens, FLOPs and peak."""
     import jax
 
     seed, block_size, mesh, hparams, plan = flags["seed"], flags["block_size"], run["mesh"], run["hparams"], run["plan"]
-    optimizer, schedule = run_optimizer(flags)
-    args = step_args(flags, hparams, optimizer, mesh)
+    args = step_args(flags, hparams, run["optimizer"], mesh)
     batch_shape, batch, eval_batch = (plan["grad_accum"], plan["global_batch"]), batch_sharding(mesh, 3, axis=1), batch_sharding(mesh, 2, axis=0)
     offsets = lambda step: batch_offsets(seed, TRAIN_STREAM, step, batch_shape, run["train"], block_size)
     train_batch = lambda step: sharded_batch(run["train"], offsets(step), block_size, batch)
     eval_offsets = lambda ids: batch_offsets(seed, EVAL_STREAM, 0, (flags["eval_iters"], plan["global_batch"]), ids, block_size)
     eval_batches = {split: [sharded_batch(run[split], o, block_size, eval_batch) for o in eval_offsets(run[split])] for split in ("train", "val")}
-    model_shardings = param_shardings(run["params"], mesh)  # gpt2.py's list of blocks, for HellaSwag
-    hellaswag_args = (flags["models_dir"], run["encoder"], hparams, mesh, model_shardings, args["dtype"], plan["global_batch"])
+    hellaswag = hellaswag_on_training_params(flags, run, args["dtype"]) if flags["hellaswag_every"] else None  # reads the examples
     flops_per_step = flops_per_token(run["params"], hparams["n_layer"], hparams["n_embd"], block_size) * run["tokens_per_step"]
     peak, peak_source = peak_flops(mesh.devices.flatten(), args["dtype"], flags["peak_flops"])
     peak_text = f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"MFU not shown: {peak_source}"
@@ -174,16 +173,24 @@ def compile_programs(flags, run, state, shardings, start, report):
     return {
         "batch": train_batch,
         "step": step_fn,
-        "eval_loss": jit_eval_loss(shardings["params"], eval_batch, **args),
+        "eval_loss": jit_eval_loss(shardings["params"], eval_batch, args["n_head"], args["dtype"], args["loss_chunk"]),
         "eval_batches": eval_batches,
         "track": jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated),
         "fresh_tracker": jax.jit(no_bad_step, out_shardings=replicated),
         "sample": sample_hook(run["encoder"], *run["prompt"], hparams["n_head"], jax.jit(unstacked, out_shardings=replicated)) if run["prompt"] else None,
-        "hellaswag": hellaswag_hook(*hellaswag_args) if flags["hellaswag_every"] else None,
-        "model": jax.jit(unstacked, out_shardings=model_shardings),
-        "schedule": schedule,
+        "hellaswag": hellaswag,
         "speed": (run["tokens_per_step"], flops_per_step, peak),
     }
+
+
+def hellaswag_on_training_params(flags, run, dtype):
+    """Training params -> HellaSwag's (acc, acc_norm, examples), through gpt2.py's list of blocks on the mesh."""
+    import jax
+
+    model_shardings = param_shardings(run["params"], run["mesh"])
+    score = hellaswag_hook(flags["models_dir"], run["encoder"], run["hparams"], run["mesh"], model_shardings, dtype, run["plan"]["global_batch"])
+    to_model = jax.jit(unstacked, out_shardings=model_shardings)
+    return lambda params: score(to_model(params))  # on every process: the forward is sharded
 
 
 def fit(flags, clock=time.perf_counter):
@@ -213,7 +220,7 @@ def fit(flags, clock=time.perf_counter):
             due = due_at(done, flags)
             if not any(due.values()):
                 continue  # the host goes on preparing batches while the device works
-            losses[done], skips = report_window(report, metrics, window, timed, done, flags, programs["schedule"], programs["speed"], manager.latest_step(), clock)
+            losses[done], skips = report_window(report, metrics, window, timed, done, flags, run["schedule"], programs["speed"], manager.latest_step(), clock)
             skipped += skips
             val_loss = evaluate_now(report, programs, state["params"], done) if due["eval"] else None
             best = min(best, (val_loss, done)) if due["eval"] else best
@@ -259,7 +266,7 @@ def sample_now(report, programs, params, done):
 
 
 def hellaswag_now(report, programs, params, done):
-    acc, acc_norm, n_examples = programs["hellaswag"](programs["model"](params))  # on every process: the forward is sharded
+    acc, acc_norm, n_examples = programs["hellaswag"](params)
     report.say(f"step {done}: {hellaswag_line(acc, acc_norm, n_examples)}")
     report.scalars(done, {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm})
 

@@ -122,7 +122,7 @@ finally:
 """
 
 
-def loaded_modules(model_dir, backend, tmp_path):
+def loaded_modules(model_dir, backend):
     result = subprocess.run([sys.executable, "-c", LOADED, model_dir, backend], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -137,20 +137,20 @@ def run_folder(data_dir, tmp_path_factory):  # noqa: F811 (a fixture)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "jax"])
-def test_generating_from_a_release_folder_loads_no_trainer(tf_model, backend, tmp_path):
+def test_generating_from_a_release_folder_loads_no_trainer(tf_model, backend):
     load_encoder_hparams_and_params(tf_model[0])  # the cache is written: TensorFlow (which may import jax) is not loaded
-    loaded = loaded_modules(tf_model[0], backend, tmp_path)
+    loaded = loaded_modules(tf_model[0], backend)
     assert {"utils", "formats"} <= loaded  # gpt2 itself runs as __main__
     assert loaded.isdisjoint(TRAINING_ONLY), sorted(loaded & set(TRAINING_ONLY))
     assert ("jax" in loaded) == (backend == "jax")
 
 
 def test_generating_from_an_hf_folder_loads_no_trainer(tf_model, vocab_dir, tmp_path):
-    loaded = loaded_modules(write_hf_folder(str(tmp_path / "hf"), tf_model[1], vocab_dir), "numpy", tmp_path)
+    loaded = loaded_modules(write_hf_folder(str(tmp_path / "hf"), tf_model[1], vocab_dir), "numpy")
     assert loaded.isdisjoint(TRAINING_ONLY), sorted(loaded & set(TRAINING_ONLY))
 
 
-def test_generating_from_a_run_folder_loads_only_what_reads_the_run(run_folder, tmp_path):
-    loaded = loaded_modules(run_folder, "numpy", tmp_path)
+def test_generating_from_a_run_folder_loads_only_what_reads_the_run(run_folder):
+    loaded = loaded_modules(run_folder, "numpy")
     assert {"orbax", "checkpoints"} <= loaded
     assert loaded.isdisjoint(set(TRAINING_ONLY) - {"orbax"}), sorted(loaded & set(TRAINING_ONLY))
