@@ -9,8 +9,6 @@ import functools
 import json
 import os
 
-import regex
-
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, each with an optional
 # leading space; runs of whitespace keep their last space for the next word.
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -48,6 +46,8 @@ class Encoder:
     the id of the real end-of-text token is `eot_token`."""
 
     def __init__(self, encoder, bpe_merges, fast=True):
+        import regex  # here, not at the top: training on token ids (bench/gpu.py) never loads it
+
         self.encoder = encoder  # token string -> id
         self.decoder = {i: token for token, i in encoder.items()}
         self.byte_encoder = bytes_to_unicode()
