@@ -13,7 +13,7 @@ from data import read_meta
 from formats import HF_FILES, RELEASED_HPARAMS, expected_shapes, hf_hparams, load_hparams, unflatten
 from monitor import flops_per_token
 from sharding import GiB, batch_sharding, check_fits, memory_per_device, parse_mesh, state_shardings, topology_devices
-from step import batch_plan, init_state, jit_train_step, resolve_remat, run_optimizer, step_args
+from step import batch_plan, init_state, jit_train_step, resolve_remat, run_attention, run_optimizer, step_args
 from utils import download_hf_files, folder_layout, is_hub_id
 
 def model_shape(flags):
@@ -120,7 +120,8 @@ def check_fit(flags, topology, device_memory):
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
     print(
         f"{', '.join(kinds)} x {mesh.size} {dict(mesh.shape)}, --batch_size {flags['batch_size']} per rank x "
-        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}: "
+        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}, "
+        f"attention {run_attention(flags, hparams, mesh)}: "
         + (f"arguments {show_bytes(arguments)} + temporaries {show_bytes(temporaries)} = " if arguments is not None else "temporaries ")
         + f"{show_bytes(total)} of {show_bytes(capacity)} per "
         f"device, {flops / 1e12:.3f} TFLOP per step per device (6N + attention): {'fits' if total <= capacity else 'does not fit'}",

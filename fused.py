@@ -39,7 +39,8 @@ def dot_product(q, k_t, v, mask, rate=0.0, key=None, implementation="xla"):  # [
     if rate:
         raise UserError(f"--attention {implementation} has no dropout: give --dropout 0, or --attention math")
     causal = is_causal(mask)
-    masks = None if causal else mask[None, None]  # [1, 1, n_q, n_k]
+    n_head, n_q, _ = q.shape[-3:]
+    masks = None if causal else jax.numpy.broadcast_to(mask, (1, n_head, *mask.shape))  # [1, n_head, n_q, n_k]: cuDNN's vmap takes every head's
     out = jax.nn.dot_product_attention(
         heads_minor(q), heads_minor(k_t.swapaxes(-1, -2)), heads_minor(v), mask=masks, is_causal=causal, implementation=implementation
     )  # [batch, n_q, n_head, d]
@@ -127,14 +128,18 @@ def why_not(name, device, dtype, dropout, head_dim, n_seq):
     return None
 
 
+def check_attention(choice):
+    if choice not in ATTENTION:
+        raise UserError(f"unknown --attention {choice!r}: use {', '.join(ATTENTION)}")
+    return choice
+
+
 def resolve_attention(choice, device, dtype, dropout=0.0, head_dim=64, n_seq=None):
     """What --attention `choice` runs on `device` with --dtype `dtype`, --dropout `dropout`, heads of
     `head_dim` and sequences of `n_seq` (None: generation's): math, xla, cudnn or splash. auto is cudnn
     on an NVIDIA GPU and splash on a TPU where they can run, the math elsewhere (on a CPU the math is
     as fast); a choice that cannot run is a UserError saying why."""
-    if choice not in ATTENTION:
-        raise UserError(f"unknown --attention {choice!r}: use {', '.join(ATTENTION)}")
-    if choice == "auto":
+    if check_attention(choice) == "auto":
         preferred = AUTO.get(accelerator(device))
         return preferred if preferred and why_not(preferred, device, dtype, dropout, head_dim, n_seq) is None else "math"
     reason = None if choice == "math" else why_not(choice, device, dtype, dropout, head_dim, n_seq)

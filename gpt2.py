@@ -15,7 +15,7 @@ import numpy as np
 
 from cli import UserError, check_folder, check_positive_int, check_seed, log, run_cli
 from formats import flatten, unflatten
-from fused import ATTENTION, attention_kernel, resolve_attention
+from fused import attention_kernel, check_attention, resolve_attention
 from sharding import sharded_params
 from utils import encode_prompt, load_encoder_hparams_and_params
 
@@ -108,8 +108,10 @@ def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=
     k_t = k.swapaxes(-1, -2)  # [..., n_head, d, n_new]
     if kv_cache is not None:  # K is kept transposed so that q @ k_t reads it in place
         k_t, v = kv_cache = (write_at(kv_cache[0], k_t, start, -1), write_at(kv_cache[1], v, start, -2))
-    slot = np.arange(v.shape[-2])[None, :]  # [1, n_k]; NumPy, so that with int start and pad (training) the
-    causal = (pad <= slot) & (start + np.arange(n_new)[:, None] >= slot)  # [n_new, n_k] mask is known while tracing
+    # NumPy's aranges: with int start and pad (a whole sequence, as training runs it) the mask is NumPy
+    # too, so a fused kernel sees while tracing that it is causal; traced ones make it traced.
+    slot = np.arange(v.shape[-2])[None, :]  # [1, n_k]
+    causal = (pad <= slot) & (start + np.arange(n_new)[:, None] >= slot)  # [n_new, n_k]
     heads = attention(q, k_t, v, causal, rate, key)  # [..., n_head, n_new, d]
     return linear(xp.moveaxis(heads, -3, -2).reshape(*batch, n_new, n_embd), **c_proj), kv_cache
 
@@ -282,7 +284,7 @@ def stream_jax(prompts, params, n_head, n_new, temperature, top_k, top_p, seed, 
     yield np.asarray(tokens)
 
 
-def stream_numpy(prompts, params, n_head, n_new, temperature, top_k, top_p, seed, attention):  # attention: math
+def stream_numpy(prompts, params, n_head, n_new, temperature, top_k, top_p, seed):
     rng = np.random.default_rng(seed)
     runs = [prefill(params, np.array(p), 0, n_head, len(p) + n_new) for p in prompts]  # (logits, cache)
     for t in range(n_new):
@@ -301,8 +303,8 @@ def stream(prompts, params, n_head, n_new, backend="jax", temperature=0.0, top_k
     """Yield every prompt's next token, one [batch] array per step, with a KV cache: one prefill of
     the (ragged) prompts, then one token per step. `params` must already be on the backend;
     `attention` is a resolved --attention (fused.resolve_attention), the jax backend's."""
-    run = stream_jax if backend == "jax" else stream_numpy
-    yield from run([list(p) for p in prompts], params, n_head, n_new, float(temperature), int(top_k), float(top_p), seed, attention)
+    args = ([list(p) for p in prompts], params, n_head, n_new, float(temperature), int(top_k), float(top_p), seed)
+    yield from stream_jax(*args, attention) if backend == "jax" else stream_numpy(*args)
 
 
 def generate_batch(prompts, params, n_head, n_tokens_to_generate, backend="jax", eot=None, **sampling):
@@ -447,9 +449,7 @@ def main(
         raise UserError(f"--dtype {dtype!r} is not available with --backend {backend}: use {' or '.join(DTYPES[backend])}")
     if mesh and backend != "jax":
         raise UserError(f"--mesh {mesh} needs --backend jax")
-    if attention not in ATTENTION:
-        raise UserError(f"unknown --attention {attention!r}: use {', '.join(ATTENTION)}")
-    if attention not in ("auto", "math") and backend != "jax":
+    if check_attention(attention) not in ("auto", "math") and backend != "jax":
         raise UserError(f"--attention {attention} needs --backend jax")
     check_positive_int(n_tokens_to_generate, "n_tokens_to_generate")
     check_sampling(temperature, top_k, top_p, seed)

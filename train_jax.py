@@ -27,9 +27,9 @@ from data import EVAL_STREAM, SHAKESPEARE_URL, TRAIN_STREAM, batch_offsets, ensu
 from encoder import load_encoder
 from evaluation import evaluate, hellaswag_hook, hellaswag_line
 from formats import VOCAB_FILES, read_json, unstacked
+from fused import check_attention
 from monitor import flops_per_token, n_params, new_window, no_bad_step, peak_flops, report_window, reporter, sample_hook, sample_prompt_ids, summarize, track_bad_steps
 from sharding import batch_sharding, check_fits, device_mesh, initialize_distributed, param_shardings
-from fused import ATTENTION
 from step import REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_attention, run_optimizer, step_args
 from utils import load_encoder_hparams_and_params, resolve_model_dir
 
@@ -61,8 +61,7 @@ def check_flags(flags):
         raise UserError(f"unknown --dtype {flags['dtype']!r}: use {' or '.join(DTYPES)}")
     if flags["remat"] not in ("auto", *REMAT_POLICIES):
         raise UserError(f"unknown --remat {flags['remat']!r}: use auto, {', '.join(REMAT_POLICIES)}")
-    if flags["attention"] not in ATTENTION:
-        raise UserError(f"unknown --attention {flags['attention']!r}: use {', '.join(ATTENTION)}")
+    check_attention(flags["attention"])
     return {**flags, **folders, "lr_decay_iters": flags["lr_decay_iters"] or flags["max_iters"]}
 
 

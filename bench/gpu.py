@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import train_jax  # noqa: E402
+from aot import abstract_params  # noqa: E402
 from cli import UserError, run_cli  # noqa: E402
 from monitor import flops_per_token, n_params, peak_flops  # noqa: E402
 from sharding import batch_sharding, device_mesh  # noqa: E402
@@ -51,13 +52,12 @@ def synthetic_ids(n_steps, batch_size, block_size, vocab_size, seed):  # -> [n_s
     return np.random.default_rng(seed).integers(0, vocab_size, (n_steps, batch_size, block_size + 1), dtype=np.uint16)
 
 
-def our_run(flags, ids, warmup):
+def our_run(flags, hparams, ids, warmup):
     """Our train step on the first device, as train_jax.py runs it (flags checked by it): (seconds of
     the timed steps, their number, the last loss, the attention it ran)."""
     import jax
 
     mesh = device_mesh("")
-    hparams = {"n_vocab": flags["vocab_size"], "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
     optimizer, _ = run_optimizer(flags)
     state, shardings = init_sharded_state(init_params(hparams, flags["seed"]), optimizer, flags["seed"], mesh)
     batch = batch_sharding(mesh, 3, axis=1)
@@ -155,7 +155,7 @@ def main(nanogpt="", device="gpu", batch_size=16, steps=30, warmup=5, optimizers
         check_nanogpt(os.path.abspath(nanogpt), python)
     ids = synthetic_ids(warmup + steps, batch_size, shape["block_size"], shape["vocab_size"], seed)
     hparams = {"n_vocab": shape["vocab_size"], "n_ctx": shape["block_size"], **{k: shape[k] for k in ("n_embd", "n_head", "n_layer")}}
-    params = init_params(hparams, seed)
+    params = abstract_params(hparams)  # shapes: what the FLOPs count
     tokens_per_step = batch_size * shape["block_size"]
     flops_per_step = flops_per_token(params, shape["n_layer"], shape["n_embd"], shape["block_size"]) * tokens_per_step
     peak, peak_source = peak_flops([first], dtype)
@@ -173,7 +173,7 @@ def main(nanogpt="", device="gpu", batch_size=16, steps=30, warmup=5, optimizers
         if flags is None:
             print(f"ours, {name}: not run: this train_jax.py has no --optimizer {name}", flush=True)
             continue
-        seconds, n, loss, ran = our_run(flags, ids, warmup)
+        seconds, n, loss, ran = our_run(flags, hparams, ids, warmup)
         speed_row(f"ours ({name}, attention {ran}, remat {flags['remat']})", seconds, n, loss, tokens_per_step, flops_per_step, peak, reference)
     if not nanogpt:
         print("nanoGPT: not run (give --nanogpt DIR, a checkout of karpathy/nanoGPT, and a Python with torch)")

@@ -20,7 +20,7 @@ import gpt2
 import train_jax
 from cli import UserError
 from formats import flatten
-from step import init_params, init_state, train_step
+from step import init_params, init_state, loss_fn, train_step
 from train_jax import check_flags
 from utils import load_encoder_hparams_and_params
 
@@ -99,6 +99,34 @@ def test_generation_through_the_xla_kernel_gives_the_math_logits(tf_model):
     for math_logits, fused_logits in zip(logits["math"], logits["xla"]):
         tolerance = float32_tolerance(np.abs(math_logits).max(), forward_length(hparams, n_slots + 3))
         np.testing.assert_allclose(fused_logits, math_logits, rtol=0, atol=tolerance)
+
+
+def test_the_cudnn_kernel_traces_for_training_and_for_batched_generation(monkeypatch):
+    """cuDNN's kernel needs an NVIDIA GPU to compile and run, but JAX's rules for it (its shapes, its
+    gradient, its vmap over a batch of sequences) run while tracing: with cuDNN's version and the GPU's
+    compute capability answered as on an H100, every program that --attention cudnn makes traces. (A
+    mask of one head, [1, 1, n_q, n_k], failed its vmap, which takes every head's.)"""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 90800)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    hparams = {"n_vocab": 64, "n_ctx": 32, "n_embd": 32, "n_head": 4, "n_layer": 1}
+    params = init_params(hparams, seed=0)
+    tokens = np.zeros((2, 32), np.int32)
+    for remat in ("none", "block"):
+        loss = functools.partial(loss_fn, key=None, n_head=4, rate=0.0, dtype="bfloat16", remat=remat, attention=fused.attention_kernel("cudnn"))
+        traced = str(jax.make_jaxpr(jax.value_and_grad(loss))(formats.stacked(params), tokens, tokens))
+        assert "dot_product_attention_fwd" in traced and "dot_product_attention_bwd" in traced  # cuDNN's primitives
+    on_device = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    for batch in (1, 3):
+        prefill, step = gpt2.jax_programs(4, 16, batch, 0.0, 0, 1.0, "cudnn")
+        inputs, pad = np.zeros((batch, 10), np.int32), np.arange(batch, dtype=np.int32)
+        assert "dot_product_attention_fwd" in str(jax.make_jaxpr(prefill)(on_device, inputs, pad))
+        logits, cache = jax.eval_shape(prefill, on_device, inputs, pad)
+        assert "dot_product_attention_fwd" in str(step.trace(on_device, logits, cache, 10, pad, jax.random.key(0)).jaxpr)
 
 
 def device(platform, kind, cuda=None, capability=None):
