@@ -74,17 +74,19 @@ def show_bytes(n):
 def step_memory(flags, hparams, mesh):
     """(argument, temporary, total) bytes one device holds while the step of `flags` runs, from its
     compiled program; when the TPU compiler refuses a program larger than HBM, (None, the
-    temporaries it names, the same)."""
+    temporaries it names, the same). Another of the compiler's memories that the program outgrows
+    (the TPU's sync flags, for 1558M's 48 unrolled layers of splash kernels) is a UserError."""
     import jax
 
     try:
         compiled = compiled_train_step(flags, hparams, mesh)
     except jax.errors.JaxRuntimeError as e:
-        needed = re.search(r"RESOURCE_EXHAUSTED: .*memory required for HLO temporaries \(([\d.]+)([KMG])\)", str(e))
-        if not needed:
-            raise
-        temporaries = float(needed[1]) * 2 ** (10 * "KMG".index(needed[2]) + 10)
-        return None, temporaries, temporaries
+        if needed := re.search(r"RESOURCE_EXHAUSTED: .*memory required for HLO temporaries \(([\d.]+)([KMG])\)", str(e)):
+            temporaries = float(needed[1]) * 2 ** (10 * "KMG".index(needed[2]) + 10)
+            return None, temporaries, temporaries
+        if exhausted := re.search(r"RESOURCE_EXHAUSTED: (?:XLA:TPU compile permanent error\. )?(.*)", str(e)):
+            raise UserError(f"the compiler cannot fit the step: {exhausted[1].rstrip('.')}: try --remat block (the layers as one scan), or --attention math")
+        raise
     memory = compiled.memory_analysis()
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # the donated state is updated in place

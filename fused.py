@@ -37,7 +37,7 @@ def dot_product(q, k_t, v, mask, rate=0.0, key=None, implementation="xla"):  # [
     import jax
 
     if rate:
-        raise UserError(f"--attention {implementation} has no dropout: give --dropout 0, or --attention math")
+        raise ValueError("a fused kernel has no dropout (resolve_attention runs the math for a --dropout)")
     causal = is_causal(mask)
     n_head, n_q, _ = q.shape[-3:]
     masks = None if causal else jax.numpy.broadcast_to(mask, (1, n_head, *mask.shape))  # [1, n_head, n_q, n_k]: cuDNN's vmap takes every head's
@@ -54,10 +54,8 @@ def splash(q, k_t, v, mask, rate=0.0, key=None, interpret=False):  # [..., n_hea
     import jax
     from jax.experimental.pallas.ops.tpu import splash_attention
 
-    if rate:
-        raise UserError("--attention splash has no dropout: give --dropout 0, or --attention math")
-    if not isinstance(mask, np.ndarray):
-        raise UserError("--attention splash takes the fixed causal mask of training; generation's moves with each token: use auto, math or xla")
+    if rate or not isinstance(mask, np.ndarray):
+        raise ValueError("splash has no dropout, and takes a mask known while tracing (resolve_attention runs the math otherwise)")
     n_head, n_q, d = q.shape[-3:]
     head_mask = splash_attention.CausalMask(mask.shape) if is_causal(mask) else splash_attention.NumpyMask(mask)
     block = math.gcd(SPLASH_BLOCK, *mask.shape)
@@ -137,8 +135,8 @@ def check_attention(choice):
 def resolve_attention(choice, device, dtype, dropout=0.0, head_dim=64, n_seq=None):
     """What --attention `choice` runs on `device` with --dtype `dtype`, --dropout `dropout`, heads of
     `head_dim` and sequences of `n_seq` (None: generation's): math, xla, cudnn or splash. auto is cudnn
-    on an NVIDIA GPU and splash on a TPU where they can run, the math elsewhere (on a CPU the math is
-    as fast); a choice that cannot run is a UserError saying why."""
+    on an NVIDIA GPU and splash on a TPU where they can run, the math elsewhere (a CPU has no fused
+    kernel: XLA's is the same math); a choice that cannot run is a UserError saying why."""
     if check_attention(choice) == "auto":
         preferred = AUTO.get(accelerator(device))
         return preferred if preferred and why_not(preferred, device, dtype, dropout, head_dim, n_seq) is None else "math"

@@ -97,6 +97,8 @@ def nanogpt_run(nanogpt, python, flags, ids, warmup, device, work):
         raise UserError(f"nanoGPT's train.py failed (exit {run.returncode}): {(run.stderr.strip().splitlines() or ['no output'])[-1]}")
     iters = [(int(i), float(loss), float(ms)) for i, loss, ms in NANOGPT_ITER.findall(run.stdout)]
     timed = [ms for i, _, ms in iters if i >= warmup]  # iteration 0 compiles and evaluates; the first few settle
+    if not timed:
+        raise UserError(f"nanoGPT's train.py printed no iteration times after --warmup {warmup}; its output ends: {run.stdout.strip()[-200:]!r}")
     return sum(timed) / 1e3, len(timed), iters[-1][1]
 
 

@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 import train_jax  # noqa: E402
 import aot  # noqa: E402
 import formats  # noqa: E402
+from cli import UserError  # noqa: E402
 from sharding import GiB, device_mesh, memory_per_device, parse_mesh, topology_devices  # noqa: E402
 from step import resolve_remat  # noqa: E402
 
@@ -145,13 +146,17 @@ def tpu(rows=None, attentions=("math", "splash")):
         devices = topology_devices(topology)
         mesh = parse_mesh(spec, devices)
         start = time.perf_counter()
-        arguments, temporaries, total = aot.step_memory(flags, hparams, mesh)
+        remat = resolve_remat(flags["remat"], "tpu")
+        row = f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}  {attention:<10}"
+        try:
+            arguments, temporaries, total = aot.step_memory(flags, hparams, mesh)
+        except UserError as e:  # the compiler refused the program for a reason other than HBM
+            print(f"{row}{'':>9}{'':>10}{'':>9}  no: {e}", flush=True)
+            continue
         seconds = time.perf_counter() - start
         hbm = memory_per_device(devices[0], len(devices))
-        remat = resolve_remat(flags["remat"], "tpu")
         print(
-            f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}  {attention:<10}"
-            f"{'-' if arguments is None else f'{arguments / GiB:.2f}':>9}"
+            f"{row}{'-' if arguments is None else f'{arguments / GiB:.2f}':>9}"
             f"{temporaries / GiB:>10.2f}{hbm / GiB:>9.0f}  {'yes' if total <= hbm else 'no':<5}{seconds:>10.0f}",
             flush=True,
         )
