@@ -21,7 +21,6 @@ checkout of karpathy/nanoGPT (--nanogpt DIR), whose train.py runs as it is.
 """
 
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from sharding import batch_sharding, device_mesh  # noqa: E402
 from step import init_params, init_sharded_state, jit_train_step, run_attention, run_optimizer, step_args  # noqa: E402
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # nanoGPT's padded vocabulary
-TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=256)  # --device cpu
+TINY = dict(GPT2_124M, n_layer=2, n_head=2, n_embd=64, block_size=64)  # --device cpu
 OPTIMIZER = dict(learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000, lr_decay_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 NANOGPT_ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", re.M)
 
@@ -79,9 +78,7 @@ def nanogpt_run(nanogpt, python, flags, ids, warmup, device, work):
     data_dir = os.path.join(work, "data", "race")
     os.makedirs(data_dir)
     ids.tofile(os.path.join(data_dir, "train.bin"))
-    ids[:1].tofile(os.path.join(data_dir, "val.bin"))
-    with open(os.path.join(data_dir, "meta.pkl"), "wb") as f:
-        pickle.dump({"vocab_size": flags["vocab_size"]}, f)  # nanoGPT's model then has our vocabulary
+    ids[:1].tofile(os.path.join(data_dir, "val.bin"))  # without a meta.pkl, nanoGPT's vocabulary is 50304, as ours
     os.symlink(os.path.join(nanogpt, "configurator.py"), os.path.join(work, "configurator.py"))  # train.py reads it from its folder
     n_iters = len(ids)
     on_gpu = device == "gpu"
