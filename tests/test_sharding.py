@@ -261,6 +261,7 @@ def test_compile_for_a_tpu_topology(data_dir):
         pytest.skip("libtpu is not installed (pip install -e \".[tpu]\"): checked the error only")
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^TPU v5 lite x 4 \{'dp': 4, .* of 16.00 GiB per device, .*: fits$", done.stdout.strip())
+    assert done.stderr == ""  # libtpu, told which slice it compiles for, does not warn that this host has none
 
 
 def test_bfloat16_keeps_the_activations_in_bfloat16_in_the_program_compiled_for_a_tpu():
