@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 
-import regex
-
 from cli import UserError
 
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, each with an optional
@@ -60,6 +58,8 @@ class Encoder:
     the id of the real end-of-text token is `eot_token`."""
 
     def __init__(self, encoder, bpe_merges, fast=True):
+        import regex  # here, not at the top: training on token ids (bench/gpu.py) never loads it
+
         self.encoder = encoder  # token string -> id
         self.decoder = {i: token for token, i in encoder.items()}
         self.byte_encoder = bytes_to_unicode()

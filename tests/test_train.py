@@ -508,7 +508,7 @@ def test_off_a_terminal_the_log_is_the_runs_own_plain_lines_and_nothing_else(dat
     evaluation = lambda n: rf"step {n}: train loss \d\.\d{{4}}, val loss \d\.\d{{4}}"
     expected = [
         r"0\.01M params, global batch 4 \(4 per dp\*fsdp rank\) x 1 accumulation = 64 tokens/step, 1 device\(s\) "
-        r"\{'dp': 1, 'fsdp': 1, 'tp': 1\}, remat dots, peak 1,000 GFLOP/s \(--peak_flops\)",
+        r"\{'dp': 1, 'fsdp': 1, 'tp': 1\}, remat dots, attention math, peak 1,000 GFLOP/s \(--peak_flops\)",
         step(4), step(6), evaluation(6), step(8), step(12), evaluation(12),
         r"\d+\.\d ms/step, [\d,]+ tokens/s over 12 steps",
         rf"best val loss \d\.\d{{4}} at step (6|12); checkpoints in {re.escape(str(tmp_path / 'run'))}/checkpoints",
