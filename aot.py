@@ -13,7 +13,7 @@ from data import read_meta
 from formats import HF_FILES, RELEASED_HPARAMS, expected_shapes, hf_hparams, load_hparams, unflatten
 from monitor import flops_per_token
 from sharding import GiB, batch_sharding, check_fits, memory_per_device, parse_mesh, state_shardings, topology_devices
-from step import batch_plan, init_state, jit_train_step, resolve_remat, run_optimizer, step_args
+from step import batch_plan, init_state, jit_train_step, resolve_remat, run_attention, run_optimizer, step_args
 from utils import download_hf_files, folder_layout, is_hub_id
 
 def model_shape(flags):
@@ -74,17 +74,19 @@ def show_bytes(n):
 def step_memory(flags, hparams, mesh):
     """(argument, temporary, total) bytes one device holds while the step of `flags` runs, from its
     compiled program; when the TPU compiler refuses a program larger than HBM, (None, the
-    temporaries it names, the same)."""
+    temporaries it names, the same). Another of the compiler's memories that the program outgrows
+    (the TPU's sync flags, for 1558M's 48 unrolled layers of splash kernels) is a UserError."""
     import jax
 
     try:
         compiled = compiled_train_step(flags, hparams, mesh)
     except jax.errors.JaxRuntimeError as e:
-        needed = re.search(r"RESOURCE_EXHAUSTED: .*memory required for HLO temporaries \(([\d.]+)([KMG])\)", str(e))
-        if not needed:
-            raise
-        temporaries = float(needed[1]) * 2 ** (10 * "KMG".index(needed[2]) + 10)
-        return None, temporaries, temporaries
+        if needed := re.search(r"RESOURCE_EXHAUSTED: .*memory required for HLO temporaries \(([\d.]+)([KMG])\)", str(e)):
+            temporaries = float(needed[1]) * 2 ** (10 * "KMG".index(needed[2]) + 10)
+            return None, temporaries, temporaries
+        if exhausted := re.search(r"RESOURCE_EXHAUSTED: (?:XLA:TPU compile permanent error\. )?(.*)", str(e)):
+            raise UserError(f"the compiler cannot fit the step: {exhausted[1].rstrip('.')}: try --remat block (the layers as one scan), or --attention math")
+        raise
     memory = compiled.memory_analysis()
     arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
     outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # the donated state is updated in place
@@ -120,7 +122,8 @@ def check_fit(flags, topology, device_memory):
     kinds = sorted({d.device_kind for d in mesh.devices.flat})
     print(
         f"{', '.join(kinds)} x {mesh.size} {dict(mesh.shape)}, --batch_size {flags['batch_size']} per rank x "
-        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}: "
+        f"{plan['grad_accum']} accumulation, remat {resolve_remat(flags['remat'], mesh.devices.flat[0].platform)}, "
+        f"attention {run_attention(flags, hparams, mesh)}: "
         + (f"arguments {show_bytes(arguments)} + temporaries {show_bytes(temporaries)} = " if arguments is not None else "temporaries ")
         + f"{show_bytes(total)} of {show_bytes(capacity)} per "
         f"device, {flops / 1e12:.3f} TFLOP per step per device (6N + attention): {'fits' if total <= capacity else 'does not fit'}",

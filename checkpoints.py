@@ -20,7 +20,7 @@ CONFIG_FILE = "config.json"
 # A mesh may change on --resume, and with it the per-rank batch flags; the batch they make is checked.
 RESUMABLE_FLAGS = ("max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "keep", "resume", "peak_flops",
                    "sample_every", "sample_prompt", "nan_policy", "mesh", "coordinator_address", "num_processes", "process_id",
-                   "hellaswag_every", "batch_size", "grad_accum", "total_batch_tokens", "remat", "loss_chunk")  # fmt: skip
+                   "hellaswag_every", "batch_size", "grad_accum", "total_batch_tokens", "remat", "loss_chunk", "attention")  # fmt: skip
 
 
 def read_config(out_dir, flag="out_dir"):

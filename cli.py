@@ -1,7 +1,10 @@
 """The command-line plumbing both CLIs share: fire with checked flag names, one exception type for
-the mistakes a user can fix (printed as one `error:` line, exit code 2), and the generic flag checks."""
+the mistakes a user can fix (printed as one `error:` line, exit code 2), the generic flag checks, and
+which of JAX's platforms start (libtpu stays silent where there is no TPU)."""
 
 import difflib
+import glob
+import importlib.util
 import inspect
 import os
 import re
@@ -9,6 +12,40 @@ import sys
 import types
 
 PLAIN_PROGRESS_S = 30.0  # off a terminal: a progress line at most this often, none for shorter steps
+# The device files of a TPU host (libtpu's own test), and of the GPUs JAX would use instead (NVIDIA's as
+# jax's hardware_utils looks for them, AMD's ROCm driver).
+TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio")
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def jax_platforms(environ, tpu_present, gpu_present, libtpu_installed):
+    """The JAX_PLATFORMS to set, or None to leave JAX's own choice. With libtpu installed (the `tpu`
+    extra, for compile --topology), JAX starts the TPU runtime in every process that has no
+    JAX_PLATFORMS, and on a machine without a TPU libtpu prints its start-up warnings on stderr first.
+    Where there is neither a TPU nor a GPU, the CPU is all JAX would find: it is named, and libtpu
+    never starts. JAX_PLATFORMS set by the user wins; a TPU or GPU host is left as it is."""
+    if "JAX_PLATFORMS" in environ or tpu_present or gpu_present or not libtpu_installed:
+        return None
+    return "cpu"
+
+
+def exists(patterns):
+    return any(glob.glob(pattern) for pattern in patterns)
+
+
+def keep_libtpu_quiet():
+    """Set JAX_PLATFORMS (see jax_platforms) before JAX first starts a backend: this module is imported
+    by every entry point before any JAX code runs."""
+    libtpu = importlib.util.find_spec("libtpu") is not None
+    platforms = jax_platforms(os.environ, exists(TPU_DEVICE_FILES), exists(GPU_DEVICE_FILES), libtpu)
+    if platforms is None:
+        return
+    os.environ["JAX_PLATFORMS"] = platforms
+    if "jax" in sys.modules:  # imported already (by a user's script): its config read the environment then
+        sys.modules["jax"].config.update("jax_platforms", platforms)
+
+
+keep_libtpu_quiet()
 
 
 class UserError(Exception):

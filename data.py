@@ -21,10 +21,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from cli import UserError, check_folder, log, progress
-from encoder import bytes_to_unicode, load_encoder
+from encoder import bytes_to_unicode, gpt2_vocab_dir, load_encoder, vocab_path
 from sharding import process_rows
-from formats import VOCAB_FILES, read_json
-from utils import base_url, download_file
+from formats import VOCAB_FILES, copy_vocab, read_json
+from utils import download_file
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENIZERS = ("gpt2", "bytes")
@@ -238,12 +238,16 @@ def gpt2_ids(paths, vocab_dir, text_field, num_proc, bar):
             bar.update(read)
 
 
-def gpt2_vocab(vocab_dir):
-    """The folder holding GPT-2's encoder.json and vocab.bpe, fetching just those two when missing."""
-    os.makedirs(vocab_dir, exist_ok=True)
-    for name in VOCAB_FILES:
-        if not os.path.isfile(os.path.join(vocab_dir, name)):
-            download_file(f"{base_url()}/124M/{name}", os.path.join(vocab_dir, name))
+def bpe_vocab(vocab_dir):
+    """The folder --vocab_dir names for --tokenizer gpt2: GPT-2's shipped with the project (''), or one
+    holding another encoder.json and vocab.bpe (or HF's vocab.json and merges.txt)."""
+    if not vocab_dir:
+        return gpt2_vocab_dir()
+    missing = [name for name in VOCAB_FILES if not os.path.isfile(vocab_path(vocab_dir, name))]
+    if missing:
+        raise UserError(
+            f"--vocab_dir {vocab_dir} has no {' or '.join(missing)}: give a folder holding both, or leave --vocab_dir out for GPT-2's"
+        )
     return vocab_dir
 
 
@@ -304,7 +308,7 @@ def prepare(
     out=None,
     tokenizer="gpt2",
     val_fraction=0.1,
-    vocab_dir="models/124M",
+    vocab_dir="",
     text_field="text",
     num_proc=0,
     shard_tokens=0,
@@ -320,7 +324,8 @@ def prepare(
       tokenizer: gpt2 (GPT-2's BPE, <|endoftext|> between documents) or bytes (one id per byte that
         occurs; text files only).
       val_fraction: the share of ids, at the end, held out as val.
-      vocab_dir: where GPT-2's encoder.json and vocab.bpe are (fetched there when missing; gpt2 only).
+      vocab_dir: a folder with another BPE's encoder.json and vocab.bpe ('': GPT-2's, which ship with the
+        project; gpt2 only).
       text_field: the JSON field or parquet column that holds a document's text.
       num_proc: processes encoding at once (0: all the machine's cores); the ids do not depend on it.
       shard_tokens: 0 for one train.bin and one val.bin, or the ids per file (e.g. 100_000_000: files of
@@ -340,7 +345,7 @@ def prepare(
         raise UserError(f"--shard_tokens must be an integer >= 0 (0: one file per split), got {shard_tokens!r}")
     out, vocab_dir = check_folder(out, "out"), check_folder(vocab_dir, "vocab_dir")
     if tokenizer == "gpt2":
-        gpt2_vocab(vocab_dir)
+        vocab_dir = bpe_vocab(vocab_dir)
     partial = os.path.normpath(out) + ".partial"  # written whole, then moved into out: an error leaves nothing
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -366,8 +371,7 @@ def encode_inputs(paths, out, tokenizer, val_fraction, vocab_dir, text_field, nu
         write_byte_vocab(present, out)
         vocab_size, chunks = len(present), lambda b: byte_ids(paths, present, b)
     else:
-        for name in VOCAB_FILES:
-            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(out, name))
+        copy_vocab(vocab_dir, out)
         vocab_size, chunks = len(load_encoder(out).encoder), lambda b: gpt2_ids(paths, out, text_field, num_proc, b)
     with bar(f"encoding ({tokenizer})") as b:
         train_paths, n_ids, largest = write_ids(chunks(b), out, "train", shard_tokens)
@@ -400,7 +404,9 @@ def ensure_data(data_dir, data_url):
     if not os.path.isfile(text):
         log(f"downloading {data_url} to {text}")
         os.makedirs(data_dir, exist_ok=True)
-        download_file(data_url, text)
+        offline = (f"put a text file at {text} (or prepare your data: python train_jax.py prepare --input FILE --out {data_dir}), "
+                   f"or give --data_url a URL this machine reaches")  # fmt: skip
+        download_file(data_url, text, offline)
     prepare(input=text, out=data_dir, tokenizer="bytes")
 
 

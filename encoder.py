@@ -2,14 +2,16 @@
 
 Both paths read the same two release files: `encoder.json` (token string -> id) and `vocab.bpe`
 (merges, highest priority first). The pure-Python path is the readable reference; tiktoken, built
-from the same local files (no network), does the same splits and merges about 10x faster.
+from the same local files (no network), does the same splits and merges about 10x faster. GPT-2's
+own two files ship with the project (gpt2_vocab/), checked against their sha256 when read.
 """
 
 import functools
+import hashlib
 import json
 import os
 
-import regex
+from cli import UserError
 
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, each with an optional
 # leading space; runs of whitespace keep their last space for the next word.
@@ -17,6 +19,14 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 EOT = "<|endoftext|>"
 # Hugging Face names OpenAI's two vocabulary files vocab.json and merges.txt; the contents are the same.
 HF_VOCAB_NAMES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
+# GPT-2's vocabulary, OpenAI's files byte for byte (the sha256 tiktoken checks them against), shipped
+# beside this module (and in its wheel), so that nothing fetches them.
+GPT2_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_vocab")
+GPT2_VOCAB_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+REINSTALL = "reinstall the project (pip install -e . in its folder) or restore gpt2_vocab/ from git"
 
 
 @functools.lru_cache
@@ -48,6 +58,8 @@ class Encoder:
     the id of the real end-of-text token is `eot_token`."""
 
     def __init__(self, encoder, bpe_merges, fast=True):
+        import regex  # here, not at the top: training on token ids (bench/gpu.py) never loads it
+
         self.encoder = encoder  # token string -> id
         self.decoder = {i: token for token, i in encoder.items()}
         self.byte_encoder = bytes_to_unicode()
@@ -118,3 +130,17 @@ def load_encoder(model_dir, fast=True):
 
 def get_encoder(model_size, models_dir):
     return load_encoder(os.path.join(models_dir, model_size))
+
+
+def gpt2_vocab_dir():
+    """The folder of GPT-2's encoder.json and vocab.bpe as they ship with the project, checked first."""
+    for name, sha256 in GPT2_VOCAB_SHA256.items():
+        path = os.path.join(GPT2_VOCAB_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                found = hashlib.sha256(f.read()).hexdigest()
+        except OSError as e:
+            raise UserError(f"GPT-2's vocabulary file {path} cannot be read ({e.strerror or e}): {REINSTALL}")
+        if found != sha256:
+            raise UserError(f"{path} is not GPT-2's (sha256 {found[:16]}..., not {sha256[:16]}...): {REINSTALL}")
+    return GPT2_VOCAB_DIR

@@ -98,7 +98,8 @@ def hellaswag_file(models_dir):
         url = os.environ.get(HELLASWAG_URL_ENV, HELLASWAG_URL)
         log(f"downloading {url} to {path}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        download_file(url, path)
+        offline = f"give --hellaswag a local copy of hellaswag_val.jsonl (or put it at {path}), or set {HELLASWAG_URL_ENV} to a mirror"
+        download_file(url, path, offline)
     return path
 
 

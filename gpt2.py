@@ -15,6 +15,7 @@ import numpy as np
 
 from cli import UserError, check_folder, check_positive_int, check_seed, log, run_cli
 from formats import flatten, unflatten
+from fused import attention_kernel, check_attention, resolve_attention
 from sharding import sharded_params
 from utils import encode_prompt, load_encoder_hparams_and_params
 
@@ -89,10 +90,16 @@ def attention(q, k_t, v, mask, rate=0.0, key=None):  # [..., n_head, n_q, d], [.
     return dropout(softmax(xp_of(q).where(mask, scores, -1e10)), rate, key) @ v  # [..., n_head, n_q, d]
 
 
-def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):  # [..., n_new, n_embd] -> same
+def attention_of(name, mesh=None):
+    """What a resolved --attention `name` runs (fused.resolve_attention): `attention` above for math,
+    or a fused kernel that takes the same arguments (on a `mesh`, run on each device's share)."""
+    return attention if name == "math" else attention_kernel(name, mesh)
+
+
+def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None, attention=attention):  # [..., n_new, n_embd] -> same
     """Self-attention of n_new tokens in slots start.. of each sequence; with a cache, k and v are
     written into its fixed-size buffers and each query attends to the slots from `pad` (left padding)
-    up to its own."""
+    up to its own. `attention` is the function above or a fused kernel (attention_of)."""
     *batch, n_new, n_embd = x.shape
     xp = xp_of(x)
     qkv = linear(x, **c_attn)  # [..., n_new, 3*n_embd]
@@ -101,17 +108,19 @@ def mha(x, c_attn, c_proj, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=
     k_t = k.swapaxes(-1, -2)  # [..., n_head, d, n_new]
     if kv_cache is not None:  # K is kept transposed so that q @ k_t reads it in place
         k_t, v = kv_cache = (write_at(kv_cache[0], k_t, start, -1), write_at(kv_cache[1], v, start, -2))
-    slot = xp.arange(v.shape[-2])[None, :]  # [1, n_k]
-    causal = (slot >= pad) & (slot <= start + xp.arange(n_new)[:, None])  # [n_new, n_k]
+    # NumPy's aranges: with int start and pad (a whole sequence, as training runs it) the mask is NumPy
+    # too, so a fused kernel sees while tracing that it is causal; traced ones make it traced.
+    slot = np.arange(v.shape[-2])[None, :]  # [1, n_k]
+    causal = (pad <= slot) & (start + np.arange(n_new)[:, None] >= slot)  # [n_new, n_k]
     heads = attention(q, k_t, v, causal, rate, key)  # [..., n_head, n_new, d]
     return linear(xp.moveaxis(heads, -3, -2).reshape(*batch, n_new, n_embd), **c_proj), kv_cache
 
 
-def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None):
+def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, kv_cache=None, start=0, pad=0, rate=0.0, key=None, attention=attention):
     """[..., n_new, n_embd] -> [..., n_new, n_embd], and the block's updated cache."""
     attn_key, resid_1, resid_2 = split_key(key, 3)
     x_1 = layer_norm(x, **ln_1)  # [..., n_new, n_embd]
-    a, kv_cache = mha(x_1, **attn, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=attn_key)
+    a, kv_cache = mha(x_1, **attn, n_head=n_head, kv_cache=kv_cache, start=start, pad=pad, rate=rate, key=attn_key, attention=attention)
     x = x + dropout(a, rate, resid_1)
     return x + dropout(ffn(layer_norm(x, **ln_2), **mlp), rate, resid_2), kv_cache
 
@@ -206,16 +215,16 @@ def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, gumbel=None):  # [..
 
 
 @functools.lru_cache(maxsize=16)  # a long-lived process keeps the programs of its last 16 shapes
-def jax_programs(n_head, n_max, batch, temperature, top_k, top_p):
-    """The jitted prefill and decode step for one shape and sampling setting, made once. Each block
-    is a jitted call, traced once for all the layers instead of once per layer (1558M's 48 layers
-    reach the first token about 0.4 s sooner). The step inlines the calls into one program. The
-    prefill calls the compiled block once per layer (not jitted as a whole): its four matmuls are set
-    up once, not 4 x n_layer times, and XLA's CPU matmul libraries set each up on its first run,
+def jax_programs(n_head, n_max, batch, temperature, top_k, top_p, attention="math"):
+    """The jitted prefill and decode step for one shape, sampling setting and resolved --attention, made
+    once. Each block is a jitted call, traced once for all the layers instead of once per layer (1558M's
+    48 layers reach the first token about 0.4 s sooner). The step inlines the calls into one program.
+    The prefill calls the compiled block once per layer (not jitted as a whole): its four matmuls are
+    set up once, not 4 x n_layer times, and XLA's CPU matmul libraries set each up on its first run,
     2-5 ms apiece (1558M's first prefill took 0.8 s instead of 1.9 with the cache's w_t)."""
     import jax
 
-    block = jax.jit(transformer_block, static_argnames=("n_head", "rate"))
+    block = jax.jit(functools.partial(transformer_block, attention=attention_of(attention)), static_argnames=("n_head", "rate"))
 
     def pick(logits, key):  # [batch, n_vocab] -> [batch], key
         if not temperature:  # greedy: no noise, so no key split (a loop of small kernels: 124M's step was 5% slower)
@@ -257,7 +266,7 @@ def jax_programs(n_head, n_max, batch, temperature, top_k, top_p):
     return prefill_batch, jax.jit(step, donate_argnums=(1, 2), compiler_options=one_pass)
 
 
-def stream_jax(prompts, params, n_head, n_new, temperature, top_k, top_p, seed):
+def stream_jax(prompts, params, n_head, n_new, temperature, top_k, top_p, seed, attention):
     import jax
 
     if n_new == 0:
@@ -265,7 +274,7 @@ def stream_jax(prompts, params, n_head, n_new, temperature, top_k, top_p, seed):
     n_slots = max(map(len, prompts))
     pad = np.array([n_slots - len(p) for p in prompts], np.int32)  # [batch]
     inputs = np.array([[0] * n + p for n, p in zip(pad, prompts)], np.int32)  # [batch, n_slots], left-padded
-    prefill_batch, step = jax_programs(n_head, n_slots + n_new, len(prompts), temperature, top_k, top_p)
+    prefill_batch, step = jax_programs(n_head, n_slots + n_new, len(prompts), temperature, top_k, top_p, attention)
     logits, cache = prefill_batch(params, inputs, pad)
     tokens, logits, cache, key = step(params, logits, cache, n_slots, pad, jax.random.key(seed))
     for slot in range(n_slots + 1, n_slots + n_new):
@@ -290,11 +299,12 @@ def stream_numpy(prompts, params, n_head, n_new, temperature, top_k, top_p, seed
             ]
 
 
-def stream(prompts, params, n_head, n_new, backend="jax", temperature=0.0, top_k=0, top_p=1.0, seed=0):
+def stream(prompts, params, n_head, n_new, backend="jax", temperature=0.0, top_k=0, top_p=1.0, seed=0, attention="math"):
     """Yield every prompt's next token, one [batch] array per step, with a KV cache: one prefill of
-    the (ragged) prompts, then one token per step. `params` must already be on the backend."""
-    run = stream_jax if backend == "jax" else stream_numpy
-    yield from run([list(p) for p in prompts], params, n_head, n_new, float(temperature), int(top_k), float(top_p), seed)
+    the (ragged) prompts, then one token per step. `params` must already be on the backend;
+    `attention` is a resolved --attention (fused.resolve_attention), the jax backend's."""
+    args = ([list(p) for p in prompts], params, n_head, n_new, float(temperature), int(top_k), float(top_p), seed)
+    yield from stream_jax(*args, attention) if backend == "jax" else stream_numpy(*args)
 
 
 def generate_batch(prompts, params, n_head, n_tokens_to_generate, backend="jax", eot=None, **sampling):
@@ -377,6 +387,18 @@ def check_sampling(temperature, top_k, top_p, seed):
     check_seed(seed)
 
 
+def generation_attention(choice, backend, dtype, mesh, hparams):
+    """The attention that --attention `choice` runs in generation (fused.resolve_attention): NumPy's is
+    the math. On a mesh, auto is the math too: a fused kernel is one custom call, which XLA's
+    partitioner splits only by batch and heads, and generation leaves the cache's split to XLA."""
+    if backend == "numpy":
+        return "math"
+    import jax
+
+    choice = "math" if mesh and choice == "auto" else choice
+    return resolve_attention(choice, jax.devices()[0], dtype, head_dim=hparams["n_embd"] // hparams["n_head"])
+
+
 def check_fits_model(top_k, hparams):
     if top_k > hparams["n_vocab"]:
         raise UserError(f"--top_k {top_k} exceeds the vocabulary of {hparams['n_vocab']} tokens: use at most that (0 keeps all)")
@@ -396,6 +418,7 @@ def main(
     stop_at_eot=True,
     dtype="float32",
     mesh="",
+    attention="auto",
 ):
     """Continue each PROMPT with GPT-2 and print the new text (streamed for a single prompt).
 
@@ -416,6 +439,9 @@ def main(
       dtype: float32, or bfloat16 (weights and compute; jax backend).
       mesh: split the model over this process's devices by train_jax's axes, e.g. tp=2, fsdp=8 or
         dp=2,tp=4 (the sizes multiply to the device count); '' for one device (jax backend).
+      attention: what computes attention (jax backend): auto (cudnn on an NVIDIA GPU with --dtype
+        bfloat16 and no --mesh, else math), math (gpt2.attention: the scores as a matrix),
+        xla (jax.nn.dot_product_attention by XLA) or cudnn (its cuDNN flash attention).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend!r}: use {' or '.join(BACKENDS)}")
@@ -423,6 +449,8 @@ def main(
         raise UserError(f"--dtype {dtype!r} is not available with --backend {backend}: use {' or '.join(DTYPES[backend])}")
     if mesh and backend != "jax":
         raise UserError(f"--mesh {mesh} needs --backend jax")
+    if check_attention(attention) not in ("auto", "math") and backend != "jax":
+        raise UserError(f"--attention {attention} needs --backend jax")
     check_positive_int(n_tokens_to_generate, "n_tokens_to_generate")
     check_sampling(temperature, top_k, top_p, seed)
     if type(stop_at_eot) is not bool:
@@ -431,6 +459,7 @@ def main(
     prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])] or [""]
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, str(models_dir))
     check_fits_model(top_k, hparams)
+    attention = generation_attention(attention, backend, dtype, mesh, hparams)
     inputs = [encode_prompt(encoder, hparams, prompt, n_tokens_to_generate) for prompt in prompts]
     log(f"{len(inputs)} prompt(s), up to {max(map(len, inputs))} tokens; generating {n_tokens_to_generate} with {backend}")
     if backend == "jax":
@@ -439,7 +468,7 @@ def main(
         params = sharded_params(params, mesh, hparams, dtype)
     else:
         params = to_backend(params, backend, dtype)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, attention=attention)
     eot = encoder.eot_token if stop_at_eot else None
     if len(inputs) == 1:
         tokens = (int(t[0]) for t in stream(inputs, params, hparams["n_head"], n_tokens_to_generate, backend, **sampling))

@@ -94,13 +94,21 @@ def new_window(first, clock, fresh_tracker):
 def report_window(report, metrics, window, timed, done, flags, schedule, speed_of, last_checkpoint, clock):
     """At a read-back after step `done`: its loss (waiting for the step), the window's speed (added to
     `timed`) and skipped updates, reported; a NaN under --nan_policy stop raises here. `speed_of` is
-    (tokens per step, FLOPs per step, peak FLOP/s). Returns (loss, updates skipped)."""
+    (tokens per step, FLOPs per step, peak FLOP/s); once a window beats the peak, the peak is wrong and
+    MFU is shown no more. Returns (loss, updates skipped)."""
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
     window_s, window_steps = clock() - window["start"], done - window["first"]
     timed.update(steps=timed["steps"] + window_steps, seconds=timed["seconds"] + window_s)
     skipped = check_bad_steps(window["tracker"], done, window_steps, flags["nan_policy"], last_checkpoint, report.say)
     lr = float(schedule(done - 1))
     speed = window_speed(window_s, window_steps, *speed_of)
+    if speed.get("mfu", 0.0) > 1 and not timed.get("above_peak"):  # the peak is wrong, not the steps' wall time
+        flops_per_s, peak = speed["mfu"] * speed_of[2], speed_of[2]
+        report.say(f"MFU not shown: the steps ran at {flops_per_s / 1e9:,.1f} GFLOP/s, above the peak of {peak / 1e9:,.1f} GFLOP/s "
+                   f"it is measured against: give --peak_flops this device's real peak")  # fmt: skip
+        timed["above_peak"] = True
+    if timed.get("above_peak"):  # no MFU above 100%, and none against a peak known to be wrong
+        speed.pop("mfu", None)
     scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, **{f"speed/{k}": v for k, v in speed.items() if k != "ms_per_step"}}
     report.progress(progress_line(done, flags["max_iters"], loss, lr, speed), done, scalars)
     return loss, skipped

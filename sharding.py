@@ -16,7 +16,7 @@ import math
 import os
 import re
 
-from cli import UserError
+from cli import TPU_DEVICE_FILES, UserError, exists
 from formats import flatten
 
 AXES = ("dp", "fsdp", "tp")
@@ -162,6 +162,13 @@ def tpu_topology(name):
     raise UserError(f"unknown --topology {name!r}: give a TPU topology or GCP accelerator type, e.g. {TOPOLOGY_EXAMPLES}")
 
 
+def accelerator_type(generation, topology):
+    """GCP's accelerator type of a topology: v5e:2x2 -> v5litepod-4, v4:2x2x1 -> v4-8 (TensorCores)."""
+    n_chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
+    prefix = next(prefix for prefix, gen in GCP_GENERATIONS.items() if gen == generation)
+    return f"{prefix}-{n_chips * TPU_CHIPS[generation][3]}"
+
+
 def topology_devices(name):
     """The devices to compile for: 'local' (this process's), or those of a TPU slice as libtpu
     describes it; each TPU chip is one device, as JAX uses them (megacore on v4 and v5p)."""
@@ -178,6 +185,8 @@ def topology_devices(name):
 
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes here hold libtpu's lock file
+    if not exists(TPU_DEVICE_FILES):  # libtpu warns that it cannot tell this host's TPU: name the slice compiled for
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(generation, topology))
     megacore = {"chip_config_name": "megacore"} if TPU_CHIPS[generation][2] == 3 else {}
     return topologies.get_topology_desc(topology, "tpu", **megacore).devices
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from cli import UserError
 from formats import expected_shapes, stacked, unflatten, unstacked
-from gpt2 import hidden_states, transformer_block, unembed
+from fused import resolve_attention
+from gpt2 import attention, attention_of, hidden_states, transformer_block, unembed
 from sharding import divisors, gathered, layer_sharding, map_paths, match_rules, param_shardings, place, state_shardings
 
 # --remat: what each transformer block keeps for the backward pass (jax.checkpoint_policies), the
@@ -84,16 +85,17 @@ def resolve_remat(remat, platform):
     return ("dots" if platform == "cpu" else "block") if remat == "auto" else remat
 
 
-def training_layer(remat, shardings=None):
-    """`transformer_block` of one layer for training: its weights gathered to `shardings` (under
-    fsdp only the layer being computed is whole) and, given a policy, rematerialized: its activations
-    are recomputed in the backward pass but for what --remat's policy saves."""
+def training_layer(remat, shardings=None, attention=attention):
+    """`transformer_block` of one layer for training, its attention computed by `attention`
+    (gpt2.attention_of): its weights gathered to `shardings` (under fsdp only the layer being computed
+    is whole) and, given a policy, rematerialized: its activations are recomputed in the backward pass
+    but for what --remat's policy saves."""
     import jax
 
     def layer(x, weights, key, n_head, rate):  # [n_seq, n_embd] -> [n_seq, n_embd]
         if shardings is not None:
             weights = jax.lax.with_sharding_constraint(weights, shardings)
-        return transformer_block(x, **weights, n_head=n_head, rate=rate, key=key)[0]
+        return transformer_block(x, **weights, n_head=n_head, rate=rate, key=key, attention=attention)[0]
 
     if REMAT_POLICIES[remat] is None:
         return layer
@@ -125,14 +127,15 @@ def scanned_blocks(layer):
     return layers
 
 
-def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # [batch, n_seq] x2 -> []
+def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0, attention=attention):  # [batch, n_seq] x2 -> []
     """Mean next-token cross-entropy of the model computed in `dtype`; the softmax in the master
     weights' precision (float32). On a mesh, the weights are used with `compute_shardings`, each
     block's when that block runs. The params are training's (`stacked`). `remat` is a key of
     REMAT_POLICIES: with a policy the blocks run as one scan over the stacked weights; without, one
     by one (a scan would keep every layer's activations stacked: 3x the memory of 124M's step, and
     a third slower on the CPU baby config).
-    `loss_chunk` is the positions whose logits are computed at once (0: all)."""
+    `loss_chunk` is the positions whose logits are computed at once (0: all). `attention` is
+    gpt2.attention or a fused kernel (gpt2.attention_of)."""
     import jax
 
     compute = jax.tree.map(lambda p: p.astype(dtype), params)
@@ -141,7 +144,7 @@ def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings
         outside = {name: compute_shardings[name] for name in ("wte", "wpe", "ln_f")}
         compute = {**compute, **jax.lax.with_sharding_constraint({name: compute[name] for name in outside}, outside)}
         block_shardings = jax.tree.map(layer_sharding, compute_shardings["blocks"])  # one layer's, as every layer's
-    layer = training_layer(remat, block_shardings)
+    layer = training_layer(remat, block_shardings, attention)
     if REMAT_POLICIES[remat] is None:
         compute, block = unstacked(compute), each_block(layer)
     else:
@@ -274,7 +277,7 @@ def batch_plan(flags, mesh):
     return {"global_batch": global_batch, "grad_accum": total // micro_tokens}
 
 
-def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0):  # inputs, targets [grad_accum, batch, n_seq]
+def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_shardings=None, remat="none", loss_chunk=0, attention=attention):  # inputs, targets [grad_accum, batch, n_seq]
     """One optimizer step on the mean gradient of grad_accum micro-batches; returns (state, metrics):
     the loss and the gradient's global norm. When the loss or a gradient is not finite, the params
     and optimizer state are left unchanged and
@@ -287,7 +290,7 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_s
 
     def accumulate(grad_sum, micro_batch):
         x, y, micro_key = micro_batch
-        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype, compute_shardings, remat, loss_chunk)
+        loss, grads = grad_fn(state["params"], x, y, micro_key, n_head, rate, dtype, compute_shardings, remat, loss_chunk, attention)
         return jax.tree.map(jax.numpy.add, grad_sum, grads), loss
 
     n_micro = inputs.shape[0]
@@ -304,11 +307,19 @@ def train_step(state, inputs, targets, optimizer, n_head, rate, dtype, compute_s
     return {"params": params, "opt_state": opt_state, "key": key}, metrics
 
 
+def run_attention(flags, hparams, mesh):
+    """The attention a run's --attention runs on `mesh`'s devices (fused.resolve_attention): math, xla,
+    cudnn or splash."""
+    head_dim = hparams["n_embd"] // hparams["n_head"]
+    return resolve_attention(flags["attention"], mesh.devices.flat[0], flags["dtype"], flags["dropout"], head_dim, flags["block_size"])
+
+
 def step_args(flags, hparams, optimizer, mesh):
     """The keyword arguments of `train_step` that a run's flags give on `mesh`."""
     remat = resolve_remat(flags["remat"], mesh.devices.flat[0].platform)
     rate = float(flags["dropout"])
-    return dict(optimizer=optimizer, n_head=hparams["n_head"], rate=rate, dtype=flags["dtype"], remat=remat, loss_chunk=flags["loss_chunk"])
+    attention = attention_of(run_attention(flags, hparams, mesh), mesh)
+    return dict(optimizer=optimizer, n_head=hparams["n_head"], rate=rate, dtype=flags["dtype"], remat=remat, loss_chunk=flags["loss_chunk"], attention=attention)
 
 
 def jit_train_step(shardings, batch, **step_args):
@@ -322,14 +333,14 @@ def jit_train_step(shardings, batch, **step_args):
     return jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch, batch), out_shardings=(shardings, shardings["key"]))
 
 
-def jit_eval_loss(shardings, batch, n_head, dtype, loss_chunk):
+def jit_eval_loss(shardings, batch, n_head, dtype, loss_chunk, attention=attention):
     """`loss_fn` without dropout or remat, jitted for the mesh: params placed by `shardings`, inputs and
     targets split by `batch` ([batch, n_seq] each)."""
     import functools
 
     import jax
 
-    args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, loss_chunk=loss_chunk, compute_shardings=gathered(shardings))
+    args = dict(key=None, n_head=n_head, rate=0.0, dtype=dtype, loss_chunk=loss_chunk, compute_shardings=gathered(shardings), attention=attention)
     return jax.jit(functools.partial(loss_fn, **args), in_shardings=(shardings, batch, batch))
 
 

@@ -20,16 +20,19 @@ import re
 import sys
 import time
 
+import numpy as np
+
 from aot import check_fit
 from checkpoints import check_resume, check_resume_batch, checkpoint_manager, export, finished_step, restore_checkpoint, save_checkpoint, write_config
 from cli import UserError, check_folder, check_number, check_positive_int, check_seed, run_cli
-from data import EVAL_STREAM, SHAKESPEARE_URL, TRAIN_STREAM, batch_offsets, ensure_data, gpt2_vocab, load_split, prepare, read_meta, sharded_batch
-from encoder import load_encoder
+from data import EVAL_STREAM, SHAKESPEARE_URL, TRAIN_STREAM, batch_offsets, ensure_data, load_split, prepare, read_meta, sharded_batch
+from encoder import gpt2_vocab_dir, load_encoder
 from evaluation import evaluate, hellaswag_hook, hellaswag_line
 from formats import VOCAB_FILES, read_json, unstacked
+from fused import check_attention
 from monitor import flops_per_token, n_params, new_window, no_bad_step, peak_flops, report_window, reporter, sample_hook, sample_prompt_ids, summarize, track_bad_steps
 from sharding import batch_sharding, check_fits, device_mesh, initialize_distributed, param_shardings
-from step import OPTIMIZERS, REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_optimizer, step_args
+from step import OPTIMIZERS, REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_attention, run_optimizer, step_args
 from utils import load_encoder_hparams_and_params, resolve_model_dir
 
 DTYPES = ("float32", "bfloat16")
@@ -62,6 +65,7 @@ def check_flags(flags):
         raise UserError(f"unknown --optimizer {flags['optimizer']!r}: use {' or '.join(OPTIMIZERS)}")
     if flags["remat"] not in ("auto", *REMAT_POLICIES):
         raise UserError(f"unknown --remat {flags['remat']!r}: use auto, {', '.join(REMAT_POLICIES)}")
+    check_attention(flags["attention"])
     return {**flags, **folders, "lr_decay_iters": flags["lr_decay_iters"] or flags["max_iters"]}
 
 
@@ -89,7 +93,7 @@ def initial_model(flags, meta):
             raise UserError(f"--vocab_size {n_vocab} is smaller than the data's vocabulary of {meta['vocab_size']}: give 0 (the data's) or more")
         hparams = {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
         has_vocab = all(os.path.isfile(os.path.join(flags["data_dir"], name)) for name in VOCAB_FILES)
-        vocab_dir = flags["data_dir"] if has_vocab else gpt2_vocab(os.path.join(flags["models_dir"], "124M"))
+        vocab_dir = flags["data_dir"] if has_vocab else gpt2_vocab_dir()  # ids without a vocabulary are GPT-2's
         return hparams, init_params(hparams, flags["seed"]), vocab_dir
     model_dir = resolve_model_dir(flags["init_from"], flags["models_dir"], flag="init_from")
     encoder, hparams, params = load_encoder_hparams_and_params(model_dir)
@@ -116,6 +120,7 @@ def load_run(flags):
     hparams, params, vocab_dir = initial_model(flags, read_meta(flags["data_dir"]))
     mesh = device_mesh(flags["mesh"])
     check_fits(mesh, hparams)
+    run_attention(flags, hparams, mesh)  # an --attention that cannot run here stops before the data loads
     plan = batch_plan(flags, mesh)
     if flags["resume"]:
         check_resume_batch(flags["out_dir"], plan)
@@ -166,19 +171,22 @@ def compile_programs(flags, run, state, shardings, start, report):
     report.say(
         f"{n_params(run['params']) / 1e6:.2f}M params, global batch {plan['global_batch']} ({flags['batch_size']} per dp*fsdp rank) "
         f"x {plan['grad_accum']} accumulation = {run['tokens_per_step']} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, "
-        f"remat {args['remat']}, {peak_text}"
+        f"remat {args['remat']}, attention {run_attention(flags, hparams, mesh)}, {peak_text}"
     )
     with report.compiling() as bar:
         step_fn = jit_train_step(shardings, batch, **args).lower(state, *train_batch(start)).compile()
         bar.update()
     replicated = shardings["key"]
+    track = jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated)
+    fresh_tracker = jax.jit(no_bad_step, out_shardings=replicated)
+    track(fresh_tracker(), jax.device_put(np.float32(0.0), replicated), start)  # both compiled now, not in the first window's time
     return {
         "batch": train_batch,
         "step": step_fn,
-        "eval_loss": jit_eval_loss(shardings["params"], eval_batch, args["n_head"], args["dtype"], args["loss_chunk"]),
+        "eval_loss": jit_eval_loss(shardings["params"], eval_batch, args["n_head"], args["dtype"], args["loss_chunk"], args["attention"]),
         "eval_batches": eval_batches,
-        "track": jax.jit(track_bad_steps, donate_argnums=0, out_shardings=replicated),
-        "fresh_tracker": jax.jit(no_bad_step, out_shardings=replicated),
+        "track": track,
+        "fresh_tracker": fresh_tracker,
         "sample": sample_hook(run["encoder"], *run["prompt"], hparams["n_head"], jax.jit(unstacked, out_shardings=replicated)) if run["prompt"] else None,
         "hellaswag": hellaswag,
         "speed": (run["tokens_per_step"], flops_per_step, peak),
@@ -211,8 +219,8 @@ def fit(flags, clock=time.perf_counter):
     state, shardings, manager, start = start_state(flags, run, report)
     programs = compile_programs(flags, run, state, shardings, start, report)
     losses, val_losses, best, timed, skipped = {}, {}, (math.inf, None), {"steps": 0, "seconds": 0.0}, 0
+    report.start(start, flags["max_iters"])  # TensorBoard's writer imports TensorFlow: not in the first window's time
     window = new_window(start, clock, programs["fresh_tracker"])
-    report.start(start, flags["max_iters"])
     try:
         for step in range(start, flags["max_iters"]):
             state, metrics = programs["step"](state, *programs["batch"](step))  # [grad_accum, batch, block_size] each
@@ -312,6 +320,7 @@ def train(
     dtype="float32",
     remat="auto",
     loss_chunk=128,
+    attention="auto",
     peak_flops=0.0,
     sample_every=0,
     sample_prompt="ROMEO:",
@@ -375,6 +384,11 @@ def train(
         is the fastest, block on accelerators).
       loss_chunk: positions of each sequence whose logits [batch, loss_chunk, vocab] are computed at
         once, forward and backward (the largest divisor of block_size up to it; 0: all).
+      attention: what computes attention: auto (cudnn on NVIDIA GPUs from Ampere on with --dtype
+        bfloat16, splash on TPUs with a --block_size of a multiple of 128, math elsewhere and with
+        --dropout), math (gpt2.attention: the [batch, head, T, T] scores as a matrix), xla
+        (jax.nn.dot_product_attention by XLA), cudnn (its cuDNN flash attention) or splash (Pallas
+        splash attention); the fused ones have no dropout.
       peak_flops: the FLOP/s of one accelerator that MFU is relative to; 0: its datasheet peak for
         --dtype (A100, H100, H200, TPU v4, v5e, v5p, v6e; others show no MFU), or on a CPU a 2048x2048
         float32 matmul probe. On a CPU the figure is the whole host's, which its devices share.

@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import time
+import urllib.parse
 
 from checkpoints import run_params
 from cli import UserError, check_folder, check_positive_int, log, progress
@@ -60,7 +61,7 @@ def fetch_once(url, path):
         if response.status_code in (404, 403, 410):
             raise UserError(
                 f"{url} answered HTTP {response.status_code}: check {BASE_URL_ENV} if you use a mirror, or "
-                f"download the files by hand into {os.path.dirname(path)} (README: 'Offline use')"
+                f"download the files by hand into {os.path.dirname(path)} (README: 'Offline machines')"
             )
         if response.status_code >= 400:
             raise RetryableError(f"HTTP {response.status_code}")
@@ -111,15 +112,28 @@ def folder_lock(folder):
         os.close(fd)
 
 
-def download_file(url, path):
+def download_file(url, path, fix=None):
     """Download `url` to `path` via `path.part`, resuming and retrying with exponential backoff.
-    One process at a time per folder: one that waited finds the file there and uses it."""
+    One process at a time per folder: one that waited finds the file there and uses it. `fix` says
+    how to do without the download (by default: download it by hand)."""
     with folder_lock(os.path.dirname(os.path.abspath(path))):
         if not os.path.isfile(path):
-            fetch_with_retries(url, path)
+            fetch_with_retries(url, path, fix or f"download it by hand into {os.path.dirname(path)} (README: 'Offline machines')")
 
 
-def fetch_with_retries(url, path):
+def unreachable(error):
+    """Why no connection could be made (no DNS, no route, refused, timed out connecting), or None when
+    one was: a machine without network fails so at once, and retrying would only wait."""
+    import requests
+    import urllib3
+
+    reason = getattr(error.args[0], "reason", None) if isinstance(error, requests.ConnectionError) and error.args else None
+    if not isinstance(reason, urllib3.exceptions.ConnectTimeoutError):  # NewConnectionError and NameResolutionError too
+        return None
+    return (re.findall(r"\[Errno -?\d+\] ([^)\]]+)", str(reason)) or [type(reason).__name__])[-1]
+
+
+def fetch_with_retries(url, path, fix):
     import requests
     import urllib3
 
@@ -127,28 +141,29 @@ def fetch_with_retries(url, path):
         try:
             return fetch_once(url, path)
         except (RetryableError, requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            if why := unreachable(e):
+                raise UserError(f"could not connect to {urllib.parse.urlsplit(url).hostname} for {url} ({why}): {fix}")
             error = e
             if attempt + 1 < DOWNLOAD_RETRIES:
                 log(f"download of {url} failed ({type(e).__name__}: {str(e)[:200]}); retrying")
                 time.sleep(DOWNLOAD_BACKOFF_S * 2**attempt)
-    raise UserError(
-        f"could not download {url} after {DOWNLOAD_RETRIES} tries ({type(error).__name__}); check your network, "
-        f"or download the files by hand into {os.path.dirname(path)} (README: 'Offline use')"
-    )
+    raise UserError(f"could not download {url} after {DOWNLOAD_RETRIES} tries ({type(error).__name__}); check your network, or {fix}")
 
 
 def missing_release_files(model_dir):
     return [name for name in RELEASE_FILES if not os.path.isfile(os.path.join(model_dir, name))]
 
 
-def download_gpt2_files(model_size, model_dir):
+def download_gpt2_files(model_size, model_dir, flag="model_size"):
     """Fetch whichever of the 7 release files `model_dir` lacks."""
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"could not create {model_dir} ({e.strerror or e}): give a writable --models_dir")
+    fix = (f"copy the release files into {model_dir} by hand (README: 'Offline machines'), give --{flag} a model folder, "
+           f"or set {BASE_URL_ENV} to a mirror")  # fmt: skip
     for name in missing_release_files(model_dir):
-        download_file(f"{base_url()}/{model_size}/{name}", os.path.join(model_dir, name))
+        download_file(f"{base_url()}/{model_size}/{name}", os.path.join(model_dir, name), fix)
 
 
 def is_hub_id(name):
@@ -175,10 +190,11 @@ def download_hf_files(repo_id, flag, names=HF_FILES):
     fix = f"give --{flag} a GPT-2 repo of the hub, a released size or a local folder"
     name = HF_CONFIG
     try:
-        model_dir = os.path.dirname(hf_hub_download(repo_id, name))
-        hf_hparams(model_dir)  # not a GPT-2: say so before fetching gigabytes
-        for name in names[1:]:
-            hf_hub_download(repo_id, name)
+        with quiet_hub():
+            model_dir = os.path.dirname(hf_hub_download(repo_id, name))
+            hf_hparams(model_dir)  # not a GPT-2: say so before fetching gigabytes
+            for name in names[1:]:
+                hf_hub_download(repo_id, name)
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated on the hub: accept its terms there and log in (`hf auth login`), or {fix}")
     except (RepositoryNotFoundError, RevisionNotFoundError):
@@ -189,14 +205,29 @@ def download_hf_files(repo_id, flag, names=HF_FILES):
         )
     except LocalEntryNotFoundError:
         raise UserError(
-            f"{repo_id} is not in the Hugging Face cache and the hub cannot be reached (offline, no network, or "
-            f"HF_HUB_OFFLINE=1): connect, set HF_ENDPOINT to a mirror, or give a local folder"
+            f"{repo_id} is not in the Hugging Face cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE=1): "
+            f"give --{flag} a local folder, set HF_ENDPOINT to a mirror, or connect"
         )
     except HfHubHTTPError as e:
         raise UserError(f"the hub answered HTTP {e.response.status_code} for {repo_id}: try again later, or {fix}")
     except OSError as e:
         raise UserError(f"could not write {repo_id} into the Hugging Face cache ({e.strerror or e}): free some disk space or set HF_HOME")
     return model_dir
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """huggingface_hub's warnings off: without network it retries for about 20 s, a line per try, and
+    the error that ends them (download_hf_files) says what to do."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +241,7 @@ def resolve_model_dir(model_size, models_dir, flag="model_size"):
         model_dir = os.path.join(check_folder(models_dir, "models_dir"), model_size)
         if missing_release_files(model_dir):
             log(f"downloading GPT-2 {model_size} to {model_dir}")
-            download_gpt2_files(model_size, model_dir)
+            download_gpt2_files(model_size, model_dir, flag)
         return model_dir
     model_dir = str(model_size)
     if not os.path.isdir(model_dir) and is_hub_id(model_dir):

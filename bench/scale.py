@@ -1,12 +1,13 @@
 """What each mesh costs for one 124M train step, read from the compiled step: no cluster needed.
 
     python bench/scale.py [--block_size 1024] [--batch_size 8] [--n_vocab 50304] [--meshes "dp=8 fsdp=8"]
-    python bench/scale.py tpu [--rows 0,1,2]    # needs libtpu: what fits a TPU chip, before and after
+    python bench/scale.py tpu [--rows 0,1,2] [--attentions math,splash]    # needs libtpu: what fits a TPU chip
 
 The `tpu` table compiles GPT-2's reproduction configs (T=1024, bfloat16, AdamW) for TPU slices with
 `aot.compiled_train_step` (what `train_jax.py compile --topology` runs) and shows per chip the
 arguments and temporaries against the chip's HBM, for the plain step (--remat none --loss_chunk 0:
-every activation and the whole [batch, T, vocab] logits kept) and for the defaults.
+every activation and the whole [batch, T, vocab] logits kept) and for the defaults, each with the
+attention as the math (the [batch, head, T, T] scores as a matrix) and as Pallas splash attention.
 
 On a machine without accelerators JAX fakes 8 CPU devices. For each mesh the step is compiled (not
 run) with train_jax's shardings, and the table shows, per device:
@@ -32,6 +33,7 @@ sys.path.insert(0, ROOT)
 import train_jax  # noqa: E402
 import aot  # noqa: E402
 import formats  # noqa: E402
+from cli import UserError  # noqa: E402
 from sharding import GiB, device_mesh, memory_per_device, parse_mesh, topology_devices  # noqa: E402
 from step import resolve_remat  # noqa: E402
 
@@ -127,26 +129,34 @@ TPU_ROWS = (  # (name, hparams, topology, mesh, per-chip batch, flags)
 )
 
 
-def tpu(rows=None):
-    """Compile TPU_ROWS (or the listed row numbers) for their TPU slices and print what fits a chip."""
+def tpu(rows=None, attentions=("math", "splash")):
+    """Compile TPU_ROWS (or the listed row numbers) for their TPU slices, with each of `attentions`,
+    and print what fits a chip."""
+    import itertools
     import time
 
     rows = range(len(TPU_ROWS)) if rows is None else [rows] if isinstance(rows, int) else rows
+    attentions = attentions.split(",") if isinstance(attentions, str) else attentions
     print("T=1024, bfloat16, AdamW, vocab 50304; per chip:")
-    print(f"{'model':<7}{'topology':<10}{'mesh':<8}{'batch':>6}  {'remat':<6}{'loss_chunk':>11}{'args GiB':>10}{'temp GiB':>10}{'HBM GiB':>9}  {'fits':<5}{'compile s':>10}")
-    for row in rows:
+    print(f"{'model':<7}{'topology':<10}{'mesh':<8}{'batch':>6}  {'remat':<6}{'loss_chunk':>11}  {'attention':<10}{'args GiB':>9}{'temp GiB':>10}{'HBM GiB':>9}  {'fits':<5}{'compile s':>10}")
+    for row, attention in itertools.product(rows, attentions):
         name, hparams, topology, spec, batch_size, overrides = TPU_ROWS[row]
-        flags = train_jax.check_flags(model_flags({**hparams, "n_ctx": 1024}, mesh=spec, batch_size=batch_size, dtype="bfloat16", **overrides))
+        shape = {**hparams, "n_ctx": 1024}
+        flags = train_jax.check_flags(model_flags(shape, mesh=spec, batch_size=batch_size, dtype="bfloat16", attention=attention, **overrides))
         devices = topology_devices(topology)
         mesh = parse_mesh(spec, devices)
         start = time.perf_counter()
-        arguments, temporaries, total = aot.step_memory(flags, hparams, mesh)
+        remat = resolve_remat(flags["remat"], "tpu")
+        row = f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}  {attention:<10}"
+        try:
+            arguments, temporaries, total = aot.step_memory(flags, hparams, mesh)
+        except UserError as e:  # the compiler refused the program for a reason other than HBM
+            print(f"{row}{'':>9}{'':>10}{'':>9}  no: {e}", flush=True)
+            continue
         seconds = time.perf_counter() - start
         hbm = memory_per_device(devices[0], len(devices))
-        remat = resolve_remat(flags["remat"], "tpu")
         print(
-            f"{name:<7}{topology:<10}{spec:<8}{batch_size:>6}  {remat:<6}{flags['loss_chunk']:>11}"
-            f"{'-' if arguments is None else f'{arguments / GiB:.2f}':>10}"
+            f"{row}{'-' if arguments is None else f'{arguments / GiB:.2f}':>9}"
             f"{temporaries / GiB:>10.2f}{hbm / GiB:>9.0f}  {'yes' if total <= hbm else 'no':<5}{seconds:>10.0f}",
             flush=True,
         )

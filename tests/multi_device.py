@@ -99,11 +99,12 @@ def plain_loss(params, inputs, targets):  # [batch, n_seq] x2 -> []
 
 
 def loss_grads(specs, variants):
-    """loss_fn's loss and gradients for each variant (its remat and loss_chunk) on one device and
+    """loss_fn's loss and gradients for each variant (its remat, loss_chunk and attention) on one device and
     under each mesh, against `plain_loss`'s on one device: the loss's relative difference, and the
     largest gradient difference relative to that gradient's largest entry."""
     import jax
 
+    from gpt2 import attention_of
     from sharding import batch_sharding, device_mesh, gathered, param_shardings
 
     params = init_params(HPARAMS, seed=0)
@@ -122,7 +123,8 @@ def loss_grads(specs, variants):
         placed = (jax.device_put(training_params, shardings), jax.device_put(inputs, batch), jax.device_put(targets, batch))
         compute = gathered(shardings) if spec else None
         for variant in variants:
-            new_loss, new_grads = grad_fn(**variant, compute_shardings=compute)(*placed)
+            kernel = {"attention": attention_of(variant["attention"], mesh)} if "attention" in variant else {}  # a name in JSON
+            new_loss, new_grads = grad_fn(**{**variant, **kernel}, compute_shardings=compute)(*placed)
             flat = flatten(formats.unstacked(new_grads))
             difference = lambda path: float(np.abs(np.asarray(flat[path]) - expected[path]).max() / np.abs(expected[path]).max())
             results[f"{spec or 'one device'} {variant}"] = {
@@ -204,6 +206,24 @@ def activation_dtypes(topology, flags):
     batch, n_seq, n_embd = flags["batch_size"], flags["block_size"], hparams["n_embd"]
     shapes = {"activations": (batch, n_seq, n_embd), "rows": (batch * n_seq, n_embd), "saved": (hparams["n_layer"], batch, n_seq, n_embd)}
     return {name: unfused_values(hlo, dims) for name, dims in shapes.items()}
+
+
+def attention_scores(topology, flags, attentions):
+    """For each of `attentions`, whether the train step of `flags` compiled for `topology` holds a
+    [batch, n_head, n_seq, n_seq] value (per device) anywhere in its program: the scores as a matrix."""
+    import re
+
+    from sharding import parse_mesh, topology_devices
+
+    mesh = parse_mesh(flags["mesh"], topology_devices(topology))
+    found = {}
+    for attention in attentions:
+        run = train_jax.default_flags(**flags, attention=attention)
+        hparams = aot.model_shape(run)
+        hlo = aot.compiled_train_step(run, hparams, mesh).as_text()
+        scores = (run["batch_size"], hparams["n_head"], run["block_size"], run["block_size"])
+        found[attention] = bool(re.search(rf"\w+\[{','.join(map(str, scores))}\]", hlo))
+    return found
 
 
 def fit_losses(runs):

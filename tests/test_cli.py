@@ -84,13 +84,32 @@ def test_corrupt_checkpoint_folder(model_copy, capsys):
     assert "corrupt or truncated" in line and model_copy in line
 
 
-def test_no_network_names_the_url_and_the_manual_fallback(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(utils.BASE_URL_ENV, closed_port_url())
-    monkeypatch.setattr(utils, "DOWNLOAD_BACKOFF_S", 0.01)
+def test_a_server_that_cannot_be_reached_is_one_line_at_once_naming_the_local_routes(tmp_path, capsys, monkeypatch):
+    """No connection at all (no route, no DNS, refused) is not retried: the line comes at once."""
+    url = closed_port_url()
+    monkeypatch.setenv(utils.BASE_URL_ENV, url)
     models_dir = tmp_path / "models"
-    line = one_line_error(capsys, ["hi", "--models_dir", str(models_dir)])
-    assert f"{os.environ[utils.BASE_URL_ENV]}/124M/checkpoint" in line
-    assert f"download the files by hand into {models_dir / '124M'}" in line
+    assert one_line_error(capsys, ["hi", "--models_dir", str(models_dir)]) == (
+        f"error: could not connect to 127.0.0.1 for {url}/124M/checkpoint (Connection refused): copy the release files into "
+        f"{models_dir / '124M'} by hand (README: 'Offline machines'), give --model_size a model folder, or set GPT2_BASE_URL to a mirror"
+    )
+
+
+@pytest.mark.parametrize(
+    "environ, tpu, gpu, libtpu, platforms",
+    [
+        ({}, False, False, True, "cpu"),  # libtpu without a TPU (or a GPU): the CPU is all there is, and libtpu never starts
+        ({"JAX_PLATFORMS": "tpu,cpu"}, False, False, True, None),  # the user's choice wins
+        ({"JAX_PLATFORMS": ""}, False, False, True, None),  # even JAX's own automatic choice
+        ({}, True, False, True, None),  # a TPU host: the TPU is used as before
+        ({}, False, True, True, None),  # a GPU host: JAX finds the GPU
+        ({}, False, False, False, None),  # no libtpu: nothing to keep quiet
+    ],
+)
+def test_libtpu_is_kept_from_starting_only_where_there_is_no_tpu(environ, tpu, gpu, libtpu, platforms):
+    import cli
+
+    assert cli.jax_platforms(environ, tpu, gpu, libtpu) == platforms
 
 
 def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path):

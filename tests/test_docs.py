@@ -147,12 +147,13 @@ def with_parameters(names):
 
 def script_flags(path, args):
     """What a script that is not one of the project's CLIs takes, read from its source: the parameters of
-    the function fire runs (the one named by the first argument when the script fires several, as
-    `bench/scale.py tpu`), or the options of its argparse parser."""
+    the function fire runs (fire.Fire's, or cli.run_cli's; the one named by the first argument when the
+    script fires several, as `bench/scale.py tpu`), or the options of its argparse parser."""
     tree = ast.parse(read(path))
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
-    fired = [call.args[0].id for call in calls if call.func.attr == "Fire" and call.args and isinstance(call.args[0], ast.Name)]
+    runs = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "run_cli"]
+    fired = [call.args[0].id for call in [*(c for c in calls if c.func.attr == "Fire"), *runs] if call.args and isinstance(call.args[0], ast.Name)]
     if fired:
         name = args[0] if args and args[0] in fired else "main" if "main" in fired else fired[0]
         node = functions[name].args

@@ -136,18 +136,16 @@ def test_hellaswag_is_downloaded_once(model, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == [f"hellaswag: acc {acc:.4f}, acc_norm {acc_norm:.4f} over 5 examples"] * 2
 
 
-def test_training_logs_hellaswag_every_n_steps(tmp_path, vocab_dir, monkeypatch, capsys):
+def test_training_logs_hellaswag_every_n_steps(tmp_path, no_network, monkeypatch, capsys):
     import data
     import train_jax
-    from test_data import models_with_vocab
 
     (tmp_path / "t.txt").write_text("The cat sat on the mat. " * 200, encoding="utf-8")
-    data.prepare(input=str(tmp_path / "t.txt"), out=str(tmp_path / "data"), vocab_dir=vocab_dir)
-    flags = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_iters=2, eval_iters=1, peak_flops=1e9, data_url="")
+    data.prepare(input=str(tmp_path / "t.txt"), out=str(tmp_path / "data"), num_proc=1)
+    flags = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_iters=2, eval_iters=1, peak_flops=1e12, data_url="")
     with serve({"hellaswag_val.jsonl": "".join(json.dumps(e) + "\n" for e in EXAMPLES[:3]).encode()}) as server:
         monkeypatch.setenv(evaluation.HELLASWAG_URL_ENV, f"{server.url}/hellaswag_val.jsonl")
-        summary = train_jax.fit(train_jax.default_flags(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), hellaswag_every=2,
-                                                        models_dir=models_with_vocab(tmp_path / "models", vocab_dir), **flags))  # fmt: skip
+        summary = train_jax.fit(train_jax.default_flags(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), hellaswag_every=2, **flags))
     params = {p: np.asarray(a, np.float64) for p, a in flatten(formats.unstacked(summary["state"]["params"])).items()}
     encoder = load_encoder(str(tmp_path / "data"))
     acc, acc_norm = numpy_hellaswag(unflatten(params, 1), encoder, EXAMPLES[:3], n_ctx=16, n_head=2)

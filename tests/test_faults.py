@@ -83,8 +83,9 @@ def test_a_server_that_never_answers_well_gives_one_line_naming_the_url_and_the_
     assert len(server.requests) == 3  # retried
     error = "ReadTimeout" if fault == "timeout" else "RetryableError"
     assert line == (
-        f"error: could not download {server.url}/124M/checkpoint after 3 tries ({error}); check your network, "
-        f"or download the files by hand into {models / '124M'} (README: 'Offline use')"
+        f"error: could not download {server.url}/124M/checkpoint after 3 tries ({error}); check your network, or copy the "
+        f"release files into {models / '124M'} by hand (README: 'Offline machines'), give --model_size a model folder, or set "
+        f"GPT2_BASE_URL to a mirror"
     )
     assert not (models / "124M" / "checkpoint").exists()
 
@@ -200,7 +201,7 @@ def test_a_corrupt_release_file_is_named_and_a_fresh_download_repairs_it(damage,
 # ---------------------------------------------------------------------------------------------
 # 3. Training: killed at random moments, half-written checkpoints, NaN losses
 
-TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, data_url="", peak_flops=1e9, eval_iters=2)
+TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, data_url="", peak_flops=1e12, eval_iters=2)
 
 
 def steps_on_disk(out_dir):

@@ -1,6 +1,10 @@
-"""Self-checks of the independent test fixtures tf_reference.py and http_server.py."""
+"""Self-checks of the independent test fixtures tf_reference.py, http_server.py and the network cut."""
 
+import errno
 import json
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -167,3 +171,19 @@ def test_delay_times_out_client_and_exit_is_bounded():
         with pytest.raises(requests.exceptions.Timeout):
             requests.get(f"{server.url}/f.bin", timeout=0.3)
     assert time.monotonic() - start < 3
+
+
+# --- no_network (conftest.py, no_network/sitecustomize.py) -----------------------------------
+
+
+def test_the_network_cut_stops_every_connection_but_the_loopbacks_here_and_in_subprocesses(no_network):
+    with pytest.raises(OSError) as error:
+        socket.create_connection(("10.255.255.1", 80), timeout=2)  # without the cut: a timeout (errno None)
+    assert error.value.errno == errno.ENETUNREACH
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("pypi.org", 443)
+    with serve({"f": DATA}) as server:
+        assert requests.get(f"{server.url}/f", timeout=10).content == DATA
+    code = "import socket\ntry:\n    socket.create_connection(('10.255.255.1', 80), timeout=2)\nexcept OSError as e:\n    print(e.errno)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(errno.ENETUNREACH), done.stderr

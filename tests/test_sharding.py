@@ -90,7 +90,9 @@ BAD_SPECS = ["pp=2", "dp=3", "dp=-1,tp=3", "dp=-1,tp=-1", "dp=two", "dp=0,tp=8"]
 # One device with 8 sequences, dp=8 and fsdp=8 with 1 each, dp=2,fsdp=2,tp=2 with 2 each: one global batch.
 SAME_BATCH = [("", 8), ("dp=8", 1), ("fsdp=8", 1), ("dp=2,fsdp=2,tp=2", 2)]
 THREE_STEPS = dict(max_iters=3, ckpt_interval=3, eval_interval=3)
-VARIANTS = [dict(remat=remat, loss_chunk=chunk) for remat in ("none", "dots", "block") for chunk in (0, 4)]
+VARIANTS = [dict(remat=remat, loss_chunk=chunk) for remat in ("none", "dots", "block") for chunk in (0, 4)] + [
+    dict(remat="none", loss_chunk=0, attention="xla"), dict(remat="dots", loss_chunk=4, attention="xla")  # run per shard on a mesh
+]
 FIT_CHECK = lambda data_dir: run_flags(data_dir, "out", mesh="dp=8", n_layer=1)
 
 
@@ -266,6 +268,7 @@ def test_compile_for_a_tpu_topology(data_dir):
         pytest.skip("libtpu is not installed (pip install -e \".[tpu]\"): checked the error only")
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^TPU v5 lite x 4 \{'dp': 4, .* of 16.00 GiB per device, .*: fits$", done.stdout.strip())
+    assert done.stderr == ""  # libtpu, told which slice it compiles for, does not warn that this host has none
 
 
 def test_bfloat16_keeps_the_activations_in_bfloat16_in_the_program_compiled_for_a_tpu():
@@ -278,6 +281,15 @@ def test_bfloat16_keeps_the_activations_in_bfloat16_in_the_program_compiled_for_
     found = on_devices("activation_dtypes", topology="v5e:2x2", flags=flags)
     assert found["activations"].get("bf16") and found["rows"].get("bf16") and found["saved"].get("bf16"), found
     assert not any("f32" in counts for counts in found.values()), found
+
+
+def test_splash_attention_compiled_for_a_tpu_holds_no_scores_where_the_math_does():
+    """The step compiled for a v5e-4 slice: with --attention math the program holds the [batch, head,
+    T, T] scores of each device's sequences; with splash, whose kernels compute them a tile at a time, never."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e \".[tpu]\"): there is no TPU program to read")
+    flags = dict(vocab_size=320, n_layer=1, n_head=2, n_embd=128, block_size=256, batch_size=4, mesh="dp=4", dtype="bfloat16")
+    assert on_devices("attention_scores", topology="v5e:2x2", flags=flags, attentions=["math", "splash"]) == {"math": True, "splash": False}
 
 
 @pytest.mark.parametrize("mesh, prompts", [("fsdp=2,tp=4", [PROMPT]), ("dp=2,fsdp=4", [PROMPT, "Hello, my name is"])])
@@ -426,7 +438,7 @@ def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(data_dir
 
 
 @uses("loss grads")
-def test_remat_and_chunked_loss_give_the_plain_loss_and_gradients_sharded_and_not(shared):
+def test_remat_chunked_loss_and_fused_attention_give_the_plain_loss_and_gradients_sharded_and_not(shared):
     results = shared["loss grads"]
     assert len(results) == 3 * len(VARIANTS)
     for name, difference in results.items():
