@@ -13,11 +13,10 @@ val split, every --eval_interval steps); a target is reached at the first evalua
 ms/step (the mean over the logging windows: compiling and evaluation left out) is timed in short runs
 of the two best settings, alternating adamw, muon, muon, adamw and keeping the faster of each pair, so
 that the machine's drifting speed hits both alike; training seconds are steps x that ms/step at the
-sweep's batch. The text is prepared with `prepare`'s default GPT-2 vocabulary, or the encoder.json and
-vocab.bpe in --vocab_dir.
+sweep's batch. The text is prepared with GPT-2's vocabulary (the project's copy, or the encoder.json
+and vocab.bpe in --vocab_dir).
 """
 
-import inspect
 import math
 import os
 import sys
@@ -101,13 +100,13 @@ def plot(curves, ms, target, png):
     figure.savefig(png, dpi=110)
 
 
-def main(input, vocab_dir=None, max_iters=200, eval_interval=20, other_batch=32, timing_steps=30, png="optimizers.png"):
+def main(input, vocab_dir="", max_iters=200, eval_interval=20, other_batch=32, timing_steps=30, png="optimizers.png"):
     """Prepare INPUT with GPT-2's BPE, sweep both optimizers, time their steps, print the comparison
     and write the PNG.
 
     Args:
       input: the text (Tiny Shakespeare).
-      vocab_dir: GPT-2's encoder.json and vocab.bpe (default: prepare's).
+      vocab_dir: a folder of GPT-2's encoder.json and vocab.bpe ('': the project's copy).
       max_iters: steps of each sweep run (the cosine decays to a tenth of the peak over them).
       eval_interval: steps between evaluations of the val loss.
       other_batch: the batch size ms/step is compared at besides the sweep's.
@@ -115,18 +114,16 @@ def main(input, vocab_dir=None, max_iters=200, eval_interval=20, other_batch=32,
       png: where the plot of the val curves goes.
     """
     start, load = time.perf_counter(), os.getloadavg()[0]
-    vocab = {} if vocab_dir is None else {"vocab_dir": vocab_dir}
     with tempfile.TemporaryDirectory() as work:
         data_dir = os.path.join(work, "data")
-        data.prepare(input=input, out=data_dir, tokenizer="gpt2", **vocab)
+        data.prepare(input=input, out=data_dir, tokenizer="gpt2", vocab_dir=vocab_dir)
         schedule = dict(max_iters=max_iters, lr_decay_iters=max_iters, eval_interval=eval_interval)
         runs = {"adamw": sweep(data_dir, work, "adamw", schedule)}
         runs["muon"] = sweep(data_dir, work, "muon", schedule, best_rate(runs["adamw"], max_iters))
         best = {name: best_rate(sweep_runs, max_iters) for name, sweep_runs in runs.items()}
         rates = dict(**adamw_rates(best["adamw"]), muon_learning_rate=best["muon"])
         ms = ms_per_step(data_dir, work, (SMALL["batch_size"], other_batch), timing_steps, rates)
-    default_vocab = inspect.signature(data.prepare).parameters["vocab_dir"].default
-    print(f"Tiny Shakespeare, GPT-2 BPE ({vocab_dir or default_vocab}), {SMALL['n_layer']} layers x {SMALL['n_embd']}, "
+    print(f"Tiny Shakespeare, GPT-2 BPE ({vocab_dir or 'the project vocabulary'}), {SMALL['n_layer']} layers x {SMALL['n_embd']}, "
           f"{max_iters} steps of {SMALL['batch_size']} x {SMALL['block_size']} tokens, seed 1337 for every run")  # fmt: skip
     target = report(runs, ms, max_iters)
     labels = {name: f"{name}, --{SWEEPS[name][0]} {rate:g}" for name, rate in best.items()}

@@ -115,7 +115,7 @@ CASES = {
         run_flags(data_dir, out / "cut", mesh="fsdp=4,tp=2", batch_size=2, resume=True, **THREE_STEPS),
     ])),  # fmt: skip
     "loss grads": lambda data_dir, out: ("loss_grads", dict(specs=["dp=2,fsdp=2,tp=2", "fsdp=8"], variants=VARIANTS)),
-    "muon step": lambda data_dir, out: ("one_step", dict(specs=["fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2"], muon=True)),
+    "muon step": lambda data_dir, out: ("one_step", dict(specs=["fsdp=8", "dp=2,fsdp=2,tp=2"], muon=True)),  # tp=2 cuts c_attn between q, k and v
     # --optimizer muon: 3 steps on dp=8; 2 steps on dp=8 then the third on fsdp=4,tp=2 from the checkpoint.
     "muon resume": lambda data_dir, out: ("fit_losses", dict(runs=[
         run_flags(data_dir, out / "muon whole", mesh="dp=8", optimizer="muon", **THREE_STEPS),
