@@ -39,9 +39,11 @@ def write_config(out_dir, flags, hparams, vocab_dir, batch):
         json.dump({"flags": flags, "hparams": hparams, "batch": batch}, f, indent=2)
 
 
-def check_resume(out_dir, flags):
-    """The run's flags must be the saved ones, but for those that do not change the math."""
-    saved = read_config(out_dir)["flags"]
+def check_resume(out_dir, flags, defaults):
+    """The run's flags must be the saved ones, but for those that do not change the math. A flag its
+    config.json lacks (a run saved before the flag existed) counts as its default in `defaults`: a new
+    flag's default keeps what runs did before it (--optimizer adamw)."""
+    saved = {**defaults, **read_config(out_dir)["flags"]}
     changed = [k for k in flags if k not in RESUMABLE_FLAGS and saved.get(k) != flags[k]]
     if changed:
         k = changed[0]
@@ -84,8 +86,10 @@ def checkpoint_manager(out_dir, keep):
         )
 
 
-def is_params(tree):  # the params, their gradients, an optimizer moment
-    return isinstance(tree, dict) and "blocks" in tree
+def is_params(tree):  # the params, their gradients, an optimizer moment (of a group of params: MaskedNode elsewhere, some empty)
+    import jax
+
+    return isinstance(tree, dict) and "blocks" in tree and bool(jax.tree.leaves(tree["blocks"]))
 
 
 def state_on_disk(state, layer=lambda a, i: a[i]):

@@ -247,14 +247,16 @@ def layer_sharding(sharding):
 
 def state_shardings(state, optimizer, mesh):
     """The train state's shardings: each optimizer moment follows its parameter, counts and the
-    random key are replicated. `state` may be abstract (`jax.eval_shape`)."""
+    random key are replicated. `state` may be abstract (`jax.eval_shape`). A moment of a group of
+    params (optax.partition's) holds an empty MaskedNode where the params outside it are; it stays."""
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
     params = param_shardings(state["params"], mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    follow = lambda _, sharding: sharding
-    opt_state = optax.tree_map_params(optimizer, follow, state["opt_state"], params, transform_non_params=lambda _: replicated)
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
+    follow = lambda leaf, sharding: leaf if masked(leaf) else sharding
+    opt_state = optax.tree_map_params(optimizer, follow, state["opt_state"], params, transform_non_params=lambda _: replicated, is_leaf=masked)
     return {"params": params, "opt_state": opt_state, "key": replicated}
 
 

@@ -1,5 +1,5 @@
 """The train step: GPT-2's init, the loss (a chunked cross-entropy over the same forward that generates
-text, its blocks scanned and rematerialized under --remat), AdamW, and `train_step` jitted for a mesh.
+text, its blocks scanned and rematerialized under --remat), AdamW or Muon, and `train_step` jitted for a mesh.
 
 A step is a pure function of the train state ({'params', 'opt_state', 'key'}, the params with their
 blocks stacked [n_layer, ...]) and a batch; `batch_plan` says how large a step's batch is on a mesh.
@@ -13,7 +13,7 @@ from cli import UserError
 from formats import expected_shapes, stacked, unflatten, unstacked
 from fused import resolve_attention
 from gpt2 import attention, attention_of, hidden_states, transformer_block, unembed
-from sharding import divisors, gathered, layer_sharding, match_rules, param_shardings, place, state_shardings
+from sharding import divisors, gathered, layer_sharding, map_paths, match_rules, param_shardings, place, state_shardings
 
 # --remat: what each transformer block keeps for the backward pass (jax.checkpoint_policies), the
 # rest is recomputed: none keeps everything, dots the matmul outputs (no attention scores), block
@@ -23,7 +23,12 @@ INIT_STD = 0.02
 # Weight decay on the 2-D matrices (the conv weights and both embeddings, as in nanoGPT), none on
 # biases and LayerNorm gains. Rules are (regex over the '/'-joined param path, value), first match wins.
 DECAY_RULES = ((r"/w$", True), (r"^(wte|wpe)$", True), (r".*", False))
+# --optimizer muon: Muon takes the blocks' matrices (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),
+# AdamW the embeddings, the LayerNorm gains and the biases, as modded-nanogpt splits them.
+MUON_RULES = ((r"^blocks/.*/w$", "muon"), (r".*", "adamw"))
+OPTIMIZERS = ("adamw", "muon")
 OPTIMIZER_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+MUON_FLAGS = ("muon_learning_rate", "muon_momentum", "muon_weight_decay")
 
 
 def init_param(path, shape, rng, n_layer):
@@ -148,27 +153,78 @@ def loss_fn(params, inputs, targets, key, n_head, rate, dtype, compute_shardings
     return chunked_cross_entropy(h, compute["wte"], targets, loss_chunk, params["wte"].dtype)
 
 
-def make_optimizer(learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip):
-    """Global-norm clipping, then AdamW with linear warmup and cosine decay to min_lr; weight decay
-    only where DECAY_RULES say (of the paths of the params it is given, in either layout)."""
+def lr_schedule(peak, end, warmup_iters, lr_decay_iters):
+    """Linear warmup to `peak` over warmup_iters, then cosine decay to `end` at lr_decay_iters."""
+    import optax
+
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak / (warmup_iters + 1),  # as nanoGPT: step 0 already learns
+        peak_value=peak,
+        warmup_steps=warmup_iters,
+        decay_steps=max(lr_decay_iters, warmup_iters + 1),
+        end_value=end,
+    )
+
+
+def make_optimizer(learning_rate, min_lr, warmup_iters, lr_decay_iters, weight_decay, beta1, beta2, grad_clip, muon=None):
+    """(optimizer, AdamW's schedule): global-norm clipping, then AdamW with linear warmup and cosine
+    decay to min_lr; weight decay only where DECAY_RULES say (of the paths of the params it is given,
+    in either layout). With `muon` (the MUON_FLAGS without their prefix), the matrices MUON_RULES name
+    go to Muon instead (see `muon_optimizer`), on the same schedule scaled to its learning rate."""
     import functools
 
     import optax
 
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=learning_rate / (warmup_iters + 1),  # as nanoGPT: step 0 already learns
-        peak_value=learning_rate,
-        warmup_steps=warmup_iters,
-        decay_steps=max(lr_decay_iters, warmup_iters + 1),
-        end_value=min_lr,
-    )
-    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=functools.partial(match_rules, DECAY_RULES))
-    return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), adamw), schedule
+    schedule = lr_schedule(learning_rate, min_lr, warmup_iters, lr_decay_iters)
+    optimizer = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=functools.partial(match_rules, DECAY_RULES))
+    if muon is not None:
+        end = muon["learning_rate"] * (min_lr / learning_rate if learning_rate else 0.0)  # the same share of the peak as AdamW's
+        muon_schedule = lr_schedule(muon["learning_rate"], end, warmup_iters, lr_decay_iters)
+        groups = {"adamw": optimizer, "muon": muon_optimizer(muon_schedule, muon["momentum"], muon["weight_decay"])}
+        optimizer = optax.partition(groups, functools.partial(match_rules, MUON_RULES))
+    return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(), optimizer), schedule
+
+
+def muon_optimizer(schedule, momentum, weight_decay):
+    """optax.contrib.muon on the matrices it is given: Nesterov momentum, orthogonalized by 5
+    Newton-Schulz steps per matrix, scaled by sqrt(max(1, n_out / n_in)), then decoupled weight decay
+    (times the learning rate) where DECAY_RULES say. Its dimension numbers make each layer of a
+    stacked block ([n_layer, n_in, n_out]) a matrix of its own, and c_attn's query, key and value too
+    (`qkv_apart`). Its own Adam branch is left empty: AdamW keeps the other params, with its decay
+    mask (contrib.muon's Adam decays all it holds and is Nesterov whenever Muon is)."""
+    import functools
+
+    import optax
+
+    dimensions = lambda tree: map_paths(lambda path, _: optax.contrib.MuonDimensionNumbers(-3 if path.endswith("c_attn/w") else -2, -1), tree)
+    muon = optax.contrib.muon(
+        schedule, beta=momentum, weight_decay=weight_decay, weight_decay_mask=functools.partial(match_rules, DECAY_RULES),
+        muon_weight_dimension_numbers=dimensions,
+    )  # fmt: skip
+    return qkv_apart(muon)
+
+
+def qkv_apart(inner):
+    """`inner` seeing each c_attn weight ([..., n_embd, 3 * n_embd], its update, its moments) as
+    [..., n_embd, 3, n_embd]: the query, key and value columns gpt2.mha splits, a matrix each. The
+    state keeps c_attn's shape, so it is checkpointed and sharded as its parameter."""
+    import optax
+
+    split = lambda path, a: a.reshape(*a.shape[:-1], 3, a.shape[-1] // 3) if path.endswith("c_attn/w") else a  # [..., n, 3n] -> [..., n, 3, n]
+    join = lambda path, a: a.reshape(*a.shape[:-2], -1) if path.endswith("c_attn/w") else a  # [..., n, 3, n] -> [..., n, 3n]
+
+    def update(updates, state, params=None):
+        views = [None if tree is None else map_paths(split, tree) for tree in (updates, state, params)]
+        updates, state = inner.update(*views)
+        return map_paths(join, updates), map_paths(join, state)
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def run_optimizer(flags):
-    """(optimizer, schedule) of a run's flags (its OPTIMIZER_FLAGS)."""
-    return make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS})
+    """(optimizer, AdamW's schedule) of a run's flags (its OPTIMIZER_FLAGS, and MUON_FLAGS under --optimizer muon)."""
+    muon = {k.removeprefix("muon_"): flags[k] for k in MUON_FLAGS} if flags["optimizer"] == "muon" else None
+    return make_optimizer(**{k: flags[k] for k in OPTIMIZER_FLAGS}, muon=muon)
 
 
 def init_state(params, optimizer, seed):

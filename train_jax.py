@@ -32,7 +32,7 @@ from formats import VOCAB_FILES, read_json, unstacked
 from fused import check_attention
 from monitor import flops_per_token, n_params, new_window, no_bad_step, peak_flops, report_window, reporter, sample_hook, sample_prompt_ids, summarize, track_bad_steps
 from sharding import batch_sharding, check_fits, device_mesh, initialize_distributed, param_shardings
-from step import REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_attention, run_optimizer, step_args
+from step import OPTIMIZERS, REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_attention, run_optimizer, step_args
 from utils import load_encoder_hparams_and_params, resolve_model_dir
 
 DTYPES = ("float32", "bfloat16")
@@ -52,15 +52,17 @@ def check_flags(flags):
         if type(flags[name]) is not int or flags[name] < 0:
             raise UserError(f"--{name} must be an integer >= 0, got {flags[name]!r}")
     check_seed(flags["seed"])
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops", "muon_learning_rate", "muon_weight_decay"):
         check_number(flags[name], name, 0, math.inf)
-    for name in ("dropout", "beta1", "beta2"):
+    for name in ("dropout", "beta1", "beta2", "muon_momentum"):
         check_number(flags[name], name, 0, 1)
     folders = check_run_flags(flags)
     if flags["n_embd"] % flags["n_head"]:
         raise UserError(f"--n_embd {flags['n_embd']} must be a multiple of --n_head {flags['n_head']}")
     if flags["dtype"] not in DTYPES:
         raise UserError(f"unknown --dtype {flags['dtype']!r}: use {' or '.join(DTYPES)}")
+    if flags["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {flags['optimizer']!r}: use {' or '.join(OPTIMIZERS)}")
     if flags["remat"] not in ("auto", *REMAT_POLICIES):
         raise UserError(f"unknown --remat {flags['remat']!r}: use auto, {', '.join(REMAT_POLICIES)}")
     check_attention(flags["attention"])
@@ -106,7 +108,7 @@ def initial_model(flags, meta):
 def finished_run(flags):
     """--resume's checks before anything loads: the flags must be the run's, and a run already at
     --max_iters has nothing to do (its step, else None)."""
-    check_resume(flags["out_dir"], flags)
+    check_resume(flags["out_dir"], flags, default_flags())
     return finished_step(flags["out_dir"], flags["keep"], flags["max_iters"])
 
 
@@ -203,8 +205,8 @@ def hellaswag_on_training_params(flags, run, dtype):
 
 def fit(flags, clock=time.perf_counter):
     """Train with checked flags (see `train`); returns a summary: the final state, best val loss and
-    its step, the loss of every logged step, the mean ms per step and tokens per second over the
-    logging windows (timed by `clock`), and the number of skipped updates."""
+    its step, the loss of every logged step and the val loss of every evaluation, the mean ms per step
+    and tokens per second over the logging windows (timed by `clock`), and the number of skipped updates."""
     import jax
 
     flags = check_flags(flags)
@@ -212,11 +214,11 @@ def fit(flags, clock=time.perf_counter):
     report = reporter(flags["out_dir"], main_process=jax.process_index() == 0)
     if flags["resume"] and (finished := finished_run(flags)) is not None:
         report.say(f"run is at step {finished} of {flags['max_iters']}: raise --max_iters to continue")
-        return {"state": None, "losses": {}, "best_val_loss": None, "best_step": None, "skipped": 0}
+        return {"state": None, "losses": {}, "val_losses": {}, "best_val_loss": None, "best_step": None, "skipped": 0}
     run = load_run(flags)  # the data, the model, the mesh and the batch
     state, shardings, manager, start = start_state(flags, run, report)
     programs = compile_programs(flags, run, state, shardings, start, report)
-    losses, best, timed, skipped = {}, (math.inf, None), {"steps": 0, "seconds": 0.0}, 0
+    losses, val_losses, best, timed, skipped = {}, {}, (math.inf, None), {"steps": 0, "seconds": 0.0}, 0
     report.start(start, flags["max_iters"])  # TensorBoard's writer imports TensorFlow: not in the first window's time
     window = new_window(start, clock, programs["fresh_tracker"])
     try:
@@ -230,8 +232,9 @@ def fit(flags, clock=time.perf_counter):
                 continue  # the host goes on preparing batches while the device works
             losses[done], skips = report_window(report, metrics, window, timed, done, flags, run["schedule"], programs["speed"], manager.latest_step(), clock)
             skipped += skips
-            val_loss = evaluate_now(report, programs, state["params"], done) if due["eval"] else None
-            best = min(best, (val_loss, done)) if due["eval"] else best
+            if due["eval"]:
+                val_losses[done] = val_loss = evaluate_now(report, programs, state["params"], done)
+                best = min(best, (val_loss, done))
             if due["sample"]:
                 sample_now(report, programs, state["params"], done)
             if due["hellaswag"]:
@@ -243,7 +246,7 @@ def fit(flags, clock=time.perf_counter):
     finally:
         report.close()
         manager.close()
-    return summarize(report, state, losses, best, timed, skipped, run["tokens_per_step"], flags["out_dir"])
+    return {**summarize(report, state, losses, best, timed, skipped, run["tokens_per_step"], flags["out_dir"]), "val_losses": val_losses}
 
 
 def due_at(done, flags):
@@ -303,6 +306,10 @@ def train(
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,
+    optimizer="adamw",
+    muon_learning_rate=0.02,
+    muon_momentum=0.95,
+    muon_weight_decay=0.0,
     eval_interval=250,
     eval_iters=20,
     log_interval=10,
@@ -347,14 +354,22 @@ def train(
       total_batch_tokens: tokens per optimizer step, e.g. 524288 (GPT-2's 0.5M): sets the accumulation
         to total_batch_tokens / (batch_size * block_size * dp * fsdp) (0: use --grad_accum).
       max_iters: optimizer steps.
-      learning_rate: the peak learning rate, reached after warmup_iters.
-      min_lr: the learning rate at the end of the cosine decay.
+      learning_rate: the peak learning rate (AdamW's), reached after warmup_iters.
+      min_lr: the learning rate at the end of the cosine decay (AdamW's).
       warmup_iters: steps of linear warmup.
       lr_decay_iters: the step the cosine decay reaches min_lr (0: max_iters).
-      weight_decay: AdamW's decoupled weight decay, on 2-D weight matrices only.
+      weight_decay: AdamW's decoupled weight decay, on 2-D weight matrices only (under --optimizer muon,
+        wte and wpe: Muon has the blocks' matrices).
       beta1: AdamW's beta1.
       beta2: AdamW's beta2.
       grad_clip: clip gradients to this global norm (0: no clipping).
+      optimizer: adamw, or muon: Muon (optax.contrib.muon) on the blocks' matrices (c_attn, c_proj,
+        c_fc; each layer, and c_attn's query, key and value, a matrix of its own), AdamW (the flags
+        above) on the embeddings, LayerNorm gains and biases.
+      muon_learning_rate: Muon's peak learning rate, on the same warmup and cosine decay (ending at
+        the same share of the peak as AdamW's: min_lr / learning_rate).
+      muon_momentum: Muon's (Nesterov) momentum.
+      muon_weight_decay: Muon's decoupled weight decay (times its learning rate) on its matrices.
       eval_interval: steps between evaluations of train and val loss.
       eval_iters: batches per evaluation.
       log_interval: steps between log lines (loss, lr, ms/step, tokens/s, MFU over the interval), the

@@ -29,6 +29,13 @@ def float32_tolerance(scale, reduction_length, eps=FLOAT32_EPS):
     return 2 * eps * scale * math.sqrt(reduction_length)
 
 
+# How much Muon's 5 Newton-Schulz steps may grow a difference in their input (a rounding error), at most:
+# each step's odd polynomial p(s) = 3.4445 s - 4.7750 s^3 + 2.0315 s^5 moves singular values within [0, 1.21],
+# where |p'| <= 4, and so (divided differences) moves a matrix by at most 4x the change of its input; a
+# rounding added before or at each step grows by at most 1 + 4 + ... + 4^5.
+NEWTON_SCHULZ_GROWTH = sum(4**k for k in range(6))
+
+
 def forward_length(hparams, n_seq):
     """The length of the sums a logit goes through, whose rounding errors add up: per block the q/k/v,
     attention scores and weighted values (n_seq each), output projection and the two MLP matmuls

@@ -7,18 +7,21 @@ import json
 import sys
 
 import numpy as np
+import optax
 
 import train_jax
 import aot
 import formats
 from cli import UserError
 from formats import flatten
-from step import batch_plan, init_params, init_sharded_state, init_state, jit_train_step, loss_fn, make_optimizer, train_step
+from sharding import match_rules
+from step import MUON_RULES, batch_plan, init_params, init_sharded_state, init_state, jit_train_step, loss_fn, make_optimizer, train_step
 
 HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 32, "n_head": 4, "n_layer": 2}  # every width divides by 8
 OPTIMIZER = dict(
     learning_rate=1e-2, min_lr=1e-3, warmup_iters=0, lr_decay_iters=10, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0
 )
+MUON = dict(learning_rate=0.02, momentum=0.95, weight_decay=0.1)
 BATCH_SHAPE = (2, 8, 16)  # [grad_accum, batch, n_seq]
 
 
@@ -35,13 +38,14 @@ def mesh_specs(specs):
     return results
 
 
-def one_step(specs):
-    """One train step unsharded on one device and under each mesh: the loss, the largest difference
-    of the updated params from the unsharded ones, and each parameter's spec."""
+def one_step(specs, muon=False):
+    """One train step (AdamW, or with `muon` Muon's) unsharded on one device and under each mesh: the
+    loss, the largest difference of the updated params from the unsharded ones (and relative to the
+    update for Muon's), and each parameter's spec (and its Muon momentum's)."""
     import jax
 
     params = init_params(HPARAMS, seed=0)
-    optimizer, _ = make_optimizer(**OPTIMIZER)
+    optimizer, _ = make_optimizer(**OPTIMIZER, muon=MUON if muon else None)
     rng = np.random.default_rng(0)
     inputs, targets = rng.integers(0, HPARAMS["n_vocab"], (2, *BATCH_SHAPE), dtype=np.int32)
     step = functools.partial(train_step, optimizer=optimizer, n_head=HPARAMS["n_head"], rate=0.0, dtype="float32")
@@ -49,15 +53,23 @@ def one_step(specs):
     state = jax.device_put(init_state(params, optimizer, seed=0), single)
     reference, metrics = jax.jit(step)(state, jax.device_put(inputs, single), jax.device_put(targets, single))
     expected = {path: np.asarray(a) for path, a in flatten(reference["params"]).items()}
+    before = flatten(formats.stacked(params))
+    group = flatten(match_rules(MUON_RULES if muon else ((".*", "adamw"),), formats.stacked(params)))
+    diff = lambda flat, path: np.abs(np.asarray(flat[path]) - expected[path]).max()
     results = {"unsharded": {"loss": float(metrics["loss"])}}
     for spec in specs:
         new, metrics = sharded_step(params, optimizer, spec, inputs, targets)
         flat = flatten(new["params"])
         results[spec] = {
             "loss": float(metrics["loss"]),
-            "max_param_diff": max(float(np.abs(np.asarray(flat[path]) - expected[path]).max()) for path in expected),
+            "max_param_diff": max(float(diff(flat, path)) for path in expected if group[path] == "adamw"),
             "specs": {path: str(a.sharding.spec) for path, a in flat.items()},
         }
+        if muon:
+            update = lambda path: np.abs(expected[path] - before[path]).max()
+            moments = flatten(optax.tree_utils.tree_get(new["opt_state"], "MuonState").mu)
+            results[spec]["muon_relative_diff"] = max(float(diff(flat, path) / update(path)) for path in expected if group[path] == "muon")
+            results[spec]["moment_specs"] = {path: str(a.sharding.spec) for path, a in moments.items() if group[path] == "muon"}
     return results
 
 

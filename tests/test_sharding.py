@@ -20,7 +20,7 @@ import sys
 import threading
 
 import pytest
-from conftest import PROMPT, ROOT, float32_tolerance, forward_length, prepared_text
+from conftest import NEWTON_SCHULZ_GROWTH, PROMPT, ROOT, float32_tolerance, forward_length, prepared_text
 
 TESTS = os.path.join(ROOT, "tests")
 MESHES = ("dp=8", "fsdp=8", "dp=2,tp=4", "dp=2,fsdp=2,tp=2")
@@ -115,6 +115,13 @@ CASES = {
         run_flags(data_dir, out / "cut", mesh="fsdp=4,tp=2", batch_size=2, resume=True, **THREE_STEPS),
     ])),  # fmt: skip
     "loss grads": lambda data_dir, out: ("loss_grads", dict(specs=["dp=2,fsdp=2,tp=2", "fsdp=8"], variants=VARIANTS)),
+    "muon step": lambda data_dir, out: ("one_step", dict(specs=["fsdp=8", "dp=2,fsdp=2,tp=2"], muon=True)),  # tp=2 cuts c_attn between q, k and v
+    # --optimizer muon: 3 steps on dp=8; 2 steps on dp=8 then the third on fsdp=4,tp=2 from the checkpoint.
+    "muon resume": lambda data_dir, out: ("fit_losses", dict(runs=[
+        run_flags(data_dir, out / "muon whole", mesh="dp=8", optimizer="muon", **THREE_STEPS),
+        run_flags(data_dir, out / "muon cut", mesh="dp=8", optimizer="muon", max_iters=2, ckpt_interval=2, eval_interval=2),
+        run_flags(data_dir, out / "muon cut", mesh="fsdp=4,tp=2", batch_size=2, optimizer="muon", resume=True, **THREE_STEPS),
+    ])),  # fmt: skip
 }
 
 
@@ -361,6 +368,36 @@ def test_one_train_step_under_each_mesh_equals_the_unsharded_step(shared):
     assert steps["dp=2,tp=4"]["specs"]["wte"] == "P('tp', None)"  # split over the vocabulary
     assert steps["dp=2,tp=4"]["specs"]["ln_f/g"] == "P(None,)"
     assert steps["dp=2,fsdp=2,tp=2"]["specs"]["blocks/mlp/c_fc/w"] == "P(None, 'fsdp', 'tp')"
+
+
+@uses("muon step")
+def test_one_muon_step_under_each_mesh_equals_the_unsharded_step(shared):
+    """Muon orthogonalizes whole matrices whatever their shards: a step of the [2, 8, 16] batch (2
+    micro-batches accumulated) under each mesh moves the params as on one device, and each matrix's
+    momentum is split as the matrix."""
+    steps = dict(shared["muon step"])
+    expected = steps.pop("unsharded")["loss"]
+    for mesh, step in steps.items():
+        assert step["loss"] == pytest.approx(expected, rel=LOSS_TOLERANCE), mesh
+        assert step["max_param_diff"] < 5e-3 * 1e-2, mesh  # AdamW's params: as in the AdamW step above
+        # The gradients differ by float32 rounding (relative LOSS_TOLERANCE); Newton-Schulz grows a
+        # difference at most NEWTON_SCHULZ_GROWTH-fold, relative to the update. A matrix orthogonalized
+        # shard by shard would be off by its whole size.
+        assert step["muon_relative_diff"] < NEWTON_SCHULZ_GROWTH * LOSS_TOLERANCE, mesh
+        assert step["moment_specs"] == {path: spec for path, spec in step["specs"].items() if path in step["moment_specs"]}, mesh
+        assert len(step["moment_specs"]) == 4, mesh  # c_attn, attn's c_proj, c_fc, mlp's c_proj
+    assert steps["fsdp=8"]["moment_specs"]["blocks/mlp/c_proj/w"] == "P(None, 'fsdp', None)"
+
+
+@uses("muon resume")
+def test_a_muon_checkpoint_saved_under_dp8_resumes_under_fsdp4_tp2_with_the_same_next_loss(shared):
+    whole, first, resumed = shared["muon resume"]
+    assert list(whole) == ["1", "2", "3"] and list(resumed) == ["3"]
+    assert first["2"] == pytest.approx(whole["2"], rel=2 * LOSS_TOLERANCE)
+    # the third step's loss from the restored Muon momentum, on another mesh: Newton-Schulz may grow the
+    # second step's rounding, which then moves the loss by its (small) share
+    assert resumed["3"] == pytest.approx(whole["3"], rel=3 * LOSS_TOLERANCE * NEWTON_SCHULZ_GROWTH)
+    assert resumed["3"] != pytest.approx(first["1"], rel=100 * LOSS_TOLERANCE)
 
 
 @uses("same batch")

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FLOAT32_EPS, ROOT, float32_tolerance, forward_length, prepared_text
+from conftest import FLOAT32_EPS, NEWTON_SCHULZ_GROWTH, ROOT, float32_tolerance, forward_length, prepared_text
 from http_server import serve
 
 import gpt2
@@ -30,7 +30,7 @@ from encoder import EOT, bytes_to_unicode, load_encoder
 from sharding import match_rules
 from formats import expected_shapes, flatten, unflatten
 from utils import load_encoder_hparams_and_params
-from step import DECAY_RULES, OPTIMIZER_FLAGS, init_params, init_state, loss_fn, make_optimizer, train_step
+from step import DECAY_RULES, MUON_RULES, OPTIMIZER_FLAGS, init_params, init_state, loss_fn, make_optimizer, train_step
 
 CORPUS = "".join(
     f"ROMEO: speak line {i} of the {('tiny', 'small', 'short')[i % 3]} play, {i * 7 % 13} times.\n"
@@ -221,6 +221,92 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert lrs[100:] == approx([1e-4] * 20)
 
 
+MUON = dict(learning_rate=0.05, momentum=0.9, weight_decay=0.2)  # make_optimizer's `muon`: --muon_* flags
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g):  # float64 [n_in, n_out] -> [n_in, n_out]
+    """Keller Jordan's zeropower_via_newtonschulz5 in float64 NumPy: 5 quintic steps on the matrix
+    scaled to unit Frobenius norm, taken on its wide side."""
+    wide = g.T if g.shape[0] > g.shape[1] else g
+    x = wide / (np.linalg.norm(wide) + 1e-8)
+    a, b, c = NS_COEFFS
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+def muon_update(grads, param, lr, momentum, weight_decay):  # [n_steps, n_in, n_out], [n_in, n_out] -> [n_in, n_out]
+    """The last of Muon's steps on one matrix, float64, as optax.contrib.muon defines it: the momentum
+    of the gradients, its bias-corrected Nesterov mix with the last one, orthogonalized, scaled by
+    sqrt(max(1, n_out / n_in)), plus the decay, times -lr."""
+    mu = np.zeros_like(param)
+    for t, g in enumerate(grads, 1):
+        mu = momentum * mu + (1 - momentum) * g
+    nesterov = momentum * mu / (1 - momentum ** (t + 1)) + (1 - momentum) * g / (1 - momentum**t)
+    scale = math.sqrt(max(1, param.shape[1] / param.shape[0]))
+    return -lr * (scale * newton_schulz(nesterov) + weight_decay * param)
+
+
+def matrices(path, a):  # a stacked matrix -> {(layer, part): [n_in, n_out]}: c_attn's query, key and value apart
+    parts = 3 if path.endswith("c_attn/w") else 1
+    return {(i, j): m for i, layer in enumerate(a) for j, m in enumerate(np.split(layer, parts, axis=-1))}
+
+
+def test_muon_updates_each_layers_matrices_and_q_k_v_apart_as_a_float64_newton_schulz():
+    """Two steps of random gradients: each layer's c_attn query, key and value, c_proj, c_fc and MLP
+    c_proj move as Muon's float64 reference of that one matrix says; every other param as AdamW alone
+    moves it."""
+    import jax
+
+    params = formats.stacked(init_params({"n_vocab": 20, "n_ctx": 8, "n_embd": 16, "n_head": 2, "n_layer": 2}, seed=0))
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32), params) for _ in range(2)]
+    schedule = (1e-2, 1e-3, 0, 10, 0.1, 0.9, 0.95, 0.0)  # no clipping: the gradients go in as they are
+
+    def last_updates(optimizer):
+        state, update = optimizer.init(params), jax.jit(optimizer.update)
+        for g in grads:
+            updates, state = update(g, state, params)
+        return flatten(updates)
+
+    got, adamw = last_updates(make_optimizer(*schedule, muon=MUON)[0]), last_updates(make_optimizer(*schedule)[0])
+    lr = MUON["learning_rate"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 10)))  # step 1 of the cosine to 0.1 x peak over 10
+    groups, flat_params, flat_grads = flatten(match_rules(MUON_RULES, params)), flatten(params), [flatten(g) for g in grads]
+    assert sorted(p for p, group in groups.items() if group == "muon") == [f"blocks/{m}/w" for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")]
+    for path, group in groups.items():
+        if group == "adamw":
+            np.testing.assert_allclose(got[path], adamw[path], rtol=4 * FLOAT32_EPS, err_msg=path)
+            continue
+        history = [matrices(path, np.float64(g[path])) for g in flat_grads]
+        for part, param in matrices(path, np.float64(flat_params[path])).items():
+            expected = muon_update([h[part] for h in history], param, lr, MUON["momentum"], MUON["weight_decay"])
+            # float32 rounding of the momentum and of each Newton-Schulz step, grown by the later steps
+            tolerance = lr * NEWTON_SCHULZ_GROWTH * float32_tolerance(np.abs(expected).max() / lr, max(param.shape))
+            np.testing.assert_allclose(matrices(path, got[path])[part], expected, rtol=0, atol=tolerance, err_msg=f"{path} {part}")
+
+
+def test_muon_and_adamw_decay_their_masked_params_each_on_its_schedule():
+    """With zero gradients both only decay: Muon's matrices by its rate x --muon_weight_decay, AdamW's
+    embeddings by its rate x --weight_decay, nothing else; Muon's rate is AdamW's warmup and cosine
+    scaled to its peak."""
+    import jax
+    import jax.numpy as jnp
+
+    params = formats.stacked(init_params({"n_vocab": 20, "n_ctx": 8, "n_embd": 8, "n_head": 2, "n_layer": 2}, seed=0))
+    optimizer, schedule = make_optimizer(1e-2, 1e-3, 3, 10, 0.1, 0.9, 0.95, 1.0, muon=MUON)
+    state, update, zeros = optimizer.init(params), jax.jit(optimizer.update), jax.tree.map(jnp.zeros_like, params)
+    groups, decayed = flatten(match_rules(MUON_RULES, params)), flatten(match_rules(DECAY_RULES, params))
+    assert {p for p, group in groups.items() if group == "adamw" and decayed[p]} == {"wte", "wpe"}
+    for step in range(12):
+        updates, state = update(zeros, state, params)
+        lr = {"adamw": float(schedule(step)), "muon": float(schedule(step)) * MUON["learning_rate"] / 1e-2}
+        for path, u in flatten(updates).items():
+            rate = lr[groups[path]] * (MUON["weight_decay"] if groups[path] == "muon" else 0.1) * decayed[path]
+            np.testing.assert_allclose(u, -rate * flatten(params)[path], rtol=8 * FLOAT32_EPS, err_msg=f"{path} step {step}")
+
+
 def tiny_setup(data_dir, batch_shape=(1, 4), n_embd=16):
     """A tiny model's params and one batch of the corpus ([grad_accum, batch, 16] inputs and targets)."""
     hparams = {"n_vocab": N_SYMBOLS, "n_ctx": 16, "n_embd": n_embd, "n_head": 2, "n_layer": 2}
@@ -265,6 +351,26 @@ def test_grad_accum_equals_one_big_batch(data_dir):
         np.testing.assert_allclose(np.asarray(a) - p, update, rtol=0, atol=float32_tolerance(np.abs(update).max(), length) + stored)
 
 
+def test_a_muon_step_of_two_accumulated_micro_batches_equals_one_of_the_double_batch(data_dir):
+    import jax
+
+    (params, accumulated_batch), (_, whole_batch) = tiny_setup(data_dir, (2, 2)), tiny_setup(data_dir, (1, 4))
+    optimizer, _ = make_optimizer(1e-2, 1e-3, 0, 10, 0.1, 0.9, 0.95, 1.0, muon=MUON)
+    step, state = jitted_step(optimizer), lambda: init_state(params, optimizer, 0)
+    (accumulated, metrics_2x2), (whole, metrics_1x4) = step(state(), *accumulated_batch), step(state(), *whole_batch)
+    length = forward_length({"n_layer": 2, "n_embd": 16}, 16) + 4 * 16
+    assert float(metrics_2x2["loss"]) == pytest.approx(float(metrics_1x4["loss"]), rel=float32_tolerance(1.0, length))
+    before, groups = flatten(formats.stacked(params)), flatten(match_rules(MUON_RULES, formats.stacked(params)))
+    new = {name: flatten(s["params"]) for name, s in (("accumulated", accumulated), ("whole", whole))}
+    for path in (p for p, group in groups.items() if group == "muon"):
+        update = np.asarray(new["whole"][path]) - before[path]
+        difference = np.linalg.norm(np.asarray(new["accumulated"][path]) - new["whole"][path])
+        # the mean gradient summed in another order (relative float32_tolerance in norm), grown by at most
+        # NEWTON_SCHULZ_GROWTH through the orthogonalization; each new param rounded at the params' scale
+        bound = NEWTON_SCHULZ_GROWTH * float32_tolerance(np.linalg.norm(update), length) + 2 * FLOAT32_EPS * np.linalg.norm(before[path])
+        assert 0 < difference <= bound and np.linalg.norm(update) > 100 * bound, path
+
+
 def test_bfloat16_computes_close_to_float32_with_float32_weights(data_dir):
     import jax
 
@@ -275,9 +381,14 @@ def test_bfloat16_computes_close_to_float32_with_float32_weights(data_dir):
     assert float(loss_16) == pytest.approx(float(loss_32), rel=0.01)  # bfloat16 rounds to 2**-8 = 0.4%; the mean of 64 losses averages it
     g32, g16 = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(g)]) for g in (grads_32, grads_16))
     assert g16.dtype == np.float32 and g32 @ g16 / np.linalg.norm(g32) / np.linalg.norm(g16) > 0.99
-    optimizer, _ = make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0)
-    new_state, _ = jitted_step(optimizer, "bfloat16")(init_state(params, optimizer, 0), inputs, targets)
-    assert {a.dtype for a in jax.tree.leaves(new_state["params"])} == {np.dtype("float32")}
+    for muon in (None, MUON):
+        optimizer, _ = make_optimizer(1e-2, 1e-2, 0, 1000, 0.0, 0.9, 0.95, 1.0, muon=muon)
+        (new_32, _), (new_16, _) = (jitted_step(optimizer, d)(init_state(params, optimizer, 0), inputs, targets) for d in ("float32", "bfloat16"))
+        assert {a.dtype for a in jax.tree.leaves(new_16["params"])} == {np.dtype("float32")}
+        if muon:  # Muon's first update is the orthogonalized gradient: bfloat16's points the way float32's does
+            before = formats.stacked(params)["blocks"]["mlp"]["c_fc"]["w"]
+            u32, u16 = (np.ravel(new["params"]["blocks"]["mlp"]["c_fc"]["w"] - before) for new in (new_32, new_16))
+            assert u32 @ u16 / np.linalg.norm(u32) / np.linalg.norm(u16) > 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +401,8 @@ def test_bfloat16_computes_close_to_float32_with_float32_weights(data_dir):
         ({"n_layer": 0}, "--n_layer must be a positive integer"),
         ({"dropout": 1.5}, r"--dropout must be a number in \[0, 1\)"),
         ({"dtype": "float16"}, "unknown --dtype"),
+        ({"optimizer": "sgd"}, "unknown --optimizer 'sgd': use adamw or muon"),
+        ({"muon_momentum": 1.0}, r"--muon_momentum must be a number in \[0, 1\)"),
         ({"n_embd": 10, "n_head": 4}, "must be a multiple of --n_head"),
         ({"block_size": 5000}, "too short for one block"),
         ({"vocab_size": 10}, "smaller than the data's vocabulary"),
@@ -346,6 +459,11 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run_step_for_step(data_dir
         train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True, learning_rate=0.5))
     with pytest.raises(UserError, match="make a global batch of 2 x 1 accumulation but the run in .* used 4 x 1"):
         train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True, batch_size=2))
+    with pytest.raises(UserError, match="^--resume: --optimizer is 'muon' but the run in .* used 'adamw'; repeat its flags$"):
+        train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True, optimizer="muon"))
+    config = json.loads((tmp_path / "stopped" / "config.json").read_text())  # as a run saved before --optimizer existed wrote it
+    config["flags"] = {k: v for k, v in config["flags"].items() if not k.startswith(("optimizer", "muon_"))}
+    (tmp_path / "stopped" / "config.json").write_text(json.dumps(config))
     rest = train_jax.fit(tiny_flags(data_dir, tmp_path / "stopped", **flags, resume=True))
     assert list(first["losses"]) == list(range(1, 8)) and list(rest["losses"]) == list(range(8, 13))
     assert {**first["losses"], **rest["losses"]} == whole["losses"]  # exactly, dropout included
@@ -406,9 +524,10 @@ def test_checkpoints_keep_the_list_of_blocks_on_disk(data_dir, tmp_path):
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_params(data_dir, tmp_path):
+    """With --optimizer muon, whose state (AdamW's and Muon's groups) the checkpoint holds."""
     import jax
 
-    flags = dict(max_iters=40, ckpt_interval=10, eval_interval=10, log_interval=20, keep=2, **TINY, **QUIET)
+    flags = dict(max_iters=40, ckpt_interval=10, eval_interval=10, log_interval=20, keep=2, optimizer="muon", **TINY, **QUIET)
     argv = ["train_jax.py", "--data_dir", data_dir, "--out_dir", str(tmp_path / "killed")]
     argv += [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in flags.items()]
     process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
