@@ -1,7 +1,8 @@
 """AdamW against Muon (`--optimizer muon`) on Tiny Shakespeare with GPT-2's BPE, each at the best of a
 learning-rate sweep: the final val losses, the steps and training seconds each takes to reach AdamW's
 final val loss (targets: Muon in at most 0.75x the steps and 0.85x the seconds), both optimizers'
-ms/step at two batch sizes (Newton-Schulz costs per step, not per token), and a PNG of the val curves.
+ms/step at two batch sizes and the time of the optimizer's update alone (Newton-Schulz costs per step,
+not per token), and a PNG of the val curves.
 
     python bench/optimizers.py --input ../shared/data/tinyshakespeare/input.txt [--max_iters 200] [--other_batch 32] [--png optimizers.png]
 
@@ -17,6 +18,7 @@ sweep's batch. The text is prepared with GPT-2's vocabulary (the project's copy,
 and vocab.bpe in --vocab_dir).
 """
 
+import functools
 import math
 import os
 import sys
@@ -27,21 +29,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import monitor  # noqa: E402
+import step  # noqa: E402
 import train_jax  # noqa: E402
 
 # 7.2M params, 6.4M of them the 50257-row wte: a step of 8 x 64 tokens takes about half a second here.
 SMALL = dict(
     n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, dropout=0.0, warmup_iters=20, weight_decay=0.1,
-    grad_clip=1.0, beta2=0.95, eval_iters=8, log_interval=20, data_url="", peak_flops=1e9,
+    grad_clip=1.0, beta2=0.95, eval_iters=8, log_interval=20, data_url="",
 )  # fmt: skip
 SWEEPS = {"adamw": ("learning_rate", (5e-4, 1e-3, 2e-3, 4e-3)), "muon": ("muon_learning_rate", (0.005, 0.01, 0.02, 0.04))}
 TARGETS = {"steps": 0.75, "seconds": 0.85}  # Muon's share of AdamW's, at most
 
 
+@functools.lru_cache(maxsize=1)
+def host_peak():
+    """The FLOP/s of the matmul probe, which MFU is measured against: once, not in every run."""
+    return monitor.matmul_flops()
+
+
 def fit(data_dir, work, **flags):
     """One run of SMALL with `flags`, in a fresh folder: its summary."""
     out_dir = tempfile.mkdtemp(dir=work)
-    return train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=out_dir, **{**SMALL, **flags}))
+    return train_jax.fit(train_jax.default_flags(data_dir=data_dir, out_dir=out_dir, **{**SMALL, "peak_flops": host_peak(), **flags}))
 
 
 def first_at_or_below(val_losses, target):
@@ -75,6 +85,29 @@ def ms_per_step(data_dir, work, batch_sizes, steps, rates):
     for batch_size in batch_sizes:
         for optimizer in ("adamw", "muon", "muon", "adamw"):
             ms[optimizer, batch_size] = min(ms.get((optimizer, batch_size), math.inf), timed(optimizer, batch_size))
+    return ms
+
+
+def update_ms(n_vocab, rates, repeats=20):
+    """{optimizer: ms} of the optimizer's update alone (jitted, SMALL's params and a gradient of theirs,
+    the fastest of `repeats`): what Muon's Newton-Schulz adds to a step, whatever its batch."""
+    import jax
+
+    hparams = {"n_vocab": n_vocab, "n_ctx": SMALL["block_size"], **{k: SMALL[k] for k in ("n_layer", "n_head", "n_embd")}}
+    ms = {}
+    for optimizer_name in ("adamw", "muon"):
+        flags = train_jax.check_flags(train_jax.default_flags(**{**SMALL, **rates, "optimizer": optimizer_name}))
+        optimizer, _ = step.run_optimizer(flags)
+        state = step.init_state(step.init_params(hparams, flags["seed"]), optimizer, flags["seed"])
+        grads = jax.tree.map(lambda p: 1e-3 * jax.numpy.sign(p), state["params"])  # the params' shapes, nonzero
+        update = jax.jit(optimizer.update)
+        jax.block_until_ready(update(grads, state["opt_state"], state["params"]))  # compiled
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(update(grads, state["opt_state"], state["params"]))
+            seconds.append(time.perf_counter() - start)
+        ms[optimizer_name] = 1e3 * min(seconds)
     return ms
 
 
@@ -123,9 +156,12 @@ def main(input, vocab_dir="", max_iters=200, eval_interval=20, other_batch=32, t
         best = {name: best_rate(sweep_runs, max_iters) for name, sweep_runs in runs.items()}
         rates = dict(**adamw_rates(best["adamw"]), muon_learning_rate=best["muon"])
         ms = ms_per_step(data_dir, work, (SMALL["batch_size"], other_batch), timing_steps, rates)
+        updates = update_ms(data.read_meta(data_dir)["vocab_size"], rates)
     print(f"Tiny Shakespeare, GPT-2 BPE ({vocab_dir or 'the project vocabulary'}), {SMALL['n_layer']} layers x {SMALL['n_embd']}, "
           f"{max_iters} steps of {SMALL['batch_size']} x {SMALL['block_size']} tokens, seed 1337 for every run")  # fmt: skip
     target = report(runs, ms, max_iters)
+    print(f"the optimizer's update alone: adamw {updates['adamw']:.1f} ms, muon {updates['muon']:.1f} ms: Newton-Schulz "
+          f"{updates['muon'] - updates['adamw']:+.1f} ms per step, at any batch")  # fmt: skip
     labels = {name: f"{name}, --{SWEEPS[name][0]} {rate:g}" for name, rate in best.items()}
     curves = {labels[name]: runs[name][rate]["val_losses"] for name, rate in best.items()}
     plot(curves, {labels[name]: ms[name, SMALL["batch_size"]] for name in best}, target, png)
