@@ -13,7 +13,7 @@ from data import read_meta
 from formats import HF_FILES, RELEASED_HPARAMS, expected_shapes, hf_hparams, load_hparams, unflatten
 from monitor import flops_per_token
 from sharding import GiB, batch_sharding, check_fits, memory_per_device, parse_mesh, state_shardings, topology_devices
-from step import batch_plan, init_state, jit_train_step, resolve_remat, run_attention, run_optimizer, step_args
+from step import batch_plan, init_state, jit_train_step, resolve_remat, run_attention, run_optimizer, scratch_hparams, step_args
 from utils import download_hf_files, folder_layout, is_hub_id
 
 def model_shape(flags):
@@ -24,7 +24,7 @@ def model_shape(flags):
         if not flags["vocab_size"] and not os.path.isfile(os.path.join(flags["data_dir"], "meta.json")):
             raise UserError(f"--data_dir {flags['data_dir']} has no meta.json to read the vocabulary from: give --vocab_size, e.g. 50304")
         n_vocab = flags["vocab_size"] or read_meta(flags["data_dir"])["vocab_size"]
-        return {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
+        return scratch_hparams(flags, n_vocab)
     if flags["init_from"] in RELEASED_HPARAMS:
         return RELEASED_HPARAMS[flags["init_from"]]
     model_dir = str(flags["init_from"])

@@ -42,6 +42,12 @@ def init_param(path, shape, rng, n_layer):
     return std * rng.standard_normal(shape, np.float32)
 
 
+def scratch_hparams(flags, n_vocab):
+    """The hparams of a model trained from scratch: the flags' shape (--block_size its n_ctx) and a
+    vocabulary of n_vocab."""
+    return {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
+
+
 def init_params(hparams, seed):
     """float32 NumPy params of the hparams' shape, a pure function of the seed."""
     rng = np.random.default_rng(seed)

@@ -32,7 +32,7 @@ from formats import VOCAB_FILES, read_json, unstacked
 from fused import check_attention
 from monitor import flops_per_token, n_params, new_window, no_bad_step, peak_flops, report_window, reporter, sample_hook, sample_prompt_ids, summarize, track_bad_steps
 from sharding import batch_sharding, check_fits, device_mesh, initialize_distributed, param_shardings
-from step import OPTIMIZERS, REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_attention, run_optimizer, step_args
+from step import OPTIMIZERS, REMAT_POLICIES, batch_plan, estimate_loss, init_params, init_sharded_state, jit_eval_loss, jit_train_step, run_attention, run_optimizer, scratch_hparams, step_args
 from utils import load_encoder_hparams_and_params, resolve_model_dir
 
 DTYPES = ("float32", "bfloat16")
@@ -91,7 +91,7 @@ def initial_model(flags, meta):
         n_vocab = flags["vocab_size"] or meta["vocab_size"]
         if n_vocab < meta["vocab_size"]:
             raise UserError(f"--vocab_size {n_vocab} is smaller than the data's vocabulary of {meta['vocab_size']}: give 0 (the data's) or more")
-        hparams = {"n_vocab": n_vocab, "n_ctx": flags["block_size"], **{k: flags[k] for k in ("n_embd", "n_head", "n_layer")}}
+        hparams = scratch_hparams(flags, n_vocab)
         has_vocab = all(os.path.isfile(os.path.join(flags["data_dir"], name)) for name in VOCAB_FILES)
         vocab_dir = flags["data_dir"] if has_vocab else gpt2_vocab_dir()  # ids without a vocabulary are GPT-2's
         return hparams, init_params(hparams, flags["seed"]), vocab_dir
@@ -113,14 +113,15 @@ def finished_run(flags):
 
 
 def load_run(flags):
-    """The run's data, model and devices: {'hparams', 'params', 'vocab_dir', 'mesh', 'plan' (see
-    batch_plan), 'train'/'val' (the splits' ids), 'encoder' (for samples and HellaSwag, else None),
-    'prompt' (--sample_prompt's ids and the tokens to add), 'optimizer' and its 'schedule', 'tokens_per_step'}."""
+    """The run's data, model and devices: {'hparams', 'params', 'vocab_dir', 'mesh', 'attention' (what
+    --attention runs on it), 'plan' (see batch_plan), 'train'/'val' (the splits' ids), 'encoder' (for
+    samples and HellaSwag, else None), 'prompt' (--sample_prompt's ids and the tokens to add),
+    'optimizer' and its 'schedule', 'tokens_per_step'}."""
     ensure_data(flags["data_dir"], flags["data_url"])
     hparams, params, vocab_dir = initial_model(flags, read_meta(flags["data_dir"]))
     mesh = device_mesh(flags["mesh"])
     check_fits(mesh, hparams)
-    run_attention(flags, hparams, mesh)  # an --attention that cannot run here stops before the data loads
+    attention = run_attention(flags, hparams, mesh)  # an --attention that cannot run here stops before the data loads
     plan = batch_plan(flags, mesh)
     if flags["resume"]:
         check_resume_batch(flags["out_dir"], plan)
@@ -129,7 +130,7 @@ def load_run(flags):
     prompt = sample_prompt_ids(encoder, flags["sample_prompt"], hparams) if flags["sample_every"] else None  # (ids, n_new)
     optimizer, schedule = run_optimizer(flags)
     tokens_per_step = plan["grad_accum"] * plan["global_batch"] * flags["block_size"]
-    run = dict(hparams=hparams, params=params, vocab_dir=vocab_dir, mesh=mesh, plan=plan, encoder=encoder, prompt=prompt)
+    run = dict(hparams=hparams, params=params, vocab_dir=vocab_dir, mesh=mesh, attention=attention, plan=plan, encoder=encoder, prompt=prompt)
     return {**run, **splits, "optimizer": optimizer, "schedule": schedule, "tokens_per_step": tokens_per_step}
 
 
@@ -171,7 +172,7 @@ def compile_programs(flags, run, state, shardings, start, report):
     report.say(
         f"{n_params(run['params']) / 1e6:.2f}M params, global batch {plan['global_batch']} ({flags['batch_size']} per dp*fsdp rank) "
         f"x {plan['grad_accum']} accumulation = {run['tokens_per_step']} tokens/step, {mesh.size} device(s) {dict(mesh.shape)}, "
-        f"remat {args['remat']}, attention {run_attention(flags, hparams, mesh)}, {peak_text}"
+        f"remat {args['remat']}, attention {run['attention']}, {peak_text}"
     )
     with report.compiling() as bar:
         step_fn = jit_train_step(shardings, batch, **args).lower(state, *train_batch(start)).compile()

@@ -38,7 +38,7 @@ from aot import abstract_params  # noqa: E402
 from cli import UserError, run_cli  # noqa: E402
 from monitor import flops_per_token, n_params, peak_flops  # noqa: E402
 from sharding import batch_sharding, device_mesh  # noqa: E402
-from step import init_params, init_sharded_state, jit_train_step, run_attention, run_optimizer, step_args  # noqa: E402
+from step import init_params, init_sharded_state, jit_train_step, run_attention, run_optimizer, scratch_hparams, step_args  # noqa: E402
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # nanoGPT's padded vocabulary
 TINY = dict(GPT2_124M, n_layer=2, n_head=2, n_embd=64, block_size=64)  # --device cpu
@@ -153,7 +153,7 @@ def main(nanogpt="", device="gpu", batch_size=16, steps=30, warmup=5, optimizers
     if nanogpt:
         check_nanogpt(os.path.abspath(nanogpt), python)
     ids = synthetic_ids(warmup + steps, batch_size, shape["block_size"], shape["vocab_size"], seed)
-    hparams = {"n_vocab": shape["vocab_size"], "n_ctx": shape["block_size"], **{k: shape[k] for k in ("n_embd", "n_head", "n_layer")}}
+    hparams = scratch_hparams(shape, shape["vocab_size"])
     params = abstract_params(hparams)  # shapes: what the FLOPs count
     tokens_per_step = batch_size * shape["block_size"]
     flops_per_step = flops_per_token(params, shape["n_layer"], shape["n_embd"], shape["block_size"]) * tokens_per_step

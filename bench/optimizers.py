@@ -93,7 +93,7 @@ def update_ms(n_vocab, rates, repeats=20):
     the fastest of `repeats`): what Muon's Newton-Schulz adds to a step, whatever its batch."""
     import jax
 
-    hparams = {"n_vocab": n_vocab, "n_ctx": SMALL["block_size"], **{k: SMALL[k] for k in ("n_layer", "n_head", "n_embd")}}
+    hparams = step.scratch_hparams(SMALL, n_vocab)
     ms = {}
     for optimizer_name in ("adamw", "muon"):
         flags = train_jax.check_flags(train_jax.default_flags(**{**SMALL, **rates, "optimizer": optimizer_name}))
@@ -159,7 +159,7 @@ def main(input, vocab_dir="", max_iters=200, eval_interval=20, other_batch=32, t
         updates = update_ms(data.read_meta(data_dir)["vocab_size"], rates)
     print(f"Tiny Shakespeare, GPT-2 BPE ({vocab_dir or 'the project vocabulary'}), {SMALL['n_layer']} layers x {SMALL['n_embd']}, "
           f"{max_iters} steps of {SMALL['batch_size']} x {SMALL['block_size']} tokens, seed 1337 for every run")  # fmt: skip
-    target = report(runs, ms, max_iters)
+    target = report(runs, best, ms, max_iters)
     print(f"the optimizer's update alone: adamw {updates['adamw']:.1f} ms, muon {updates['muon']:.1f} ms: Newton-Schulz "
           f"{updates['muon'] - updates['adamw']:+.1f} ms per step, at any batch")  # fmt: skip
     labels = {name: f"{name}, --{SWEEPS[name][0]} {rate:g}" for name, rate in best.items()}
@@ -169,14 +169,14 @@ def main(input, vocab_dir="", max_iters=200, eval_interval=20, other_batch=32, t
     print(f"wall time: {time.perf_counter() - start:.0f} s; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores)")
 
 
-def report(runs, ms, max_iters):
-    """Print the sweeps, the ms/step comparison, and when each best run reaches AdamW's final val loss
-    (in steps, and in seconds at the alternated ms/step of the sweep's batch), against the targets;
-    returns that val loss."""
-    best = {name: sweep_runs[best_rate(sweep_runs, max_iters)] for name, sweep_runs in runs.items()}
+def report(runs, best_rates, ms, max_iters):
+    """Print the sweeps, the ms/step comparison, and when each best run (at `best_rates`) reaches AdamW's
+    final val loss (in steps, and in seconds at the alternated ms/step of the sweep's batch), against
+    the targets; returns that val loss."""
+    best = {name: runs[name][rate] for name, rate in best_rates.items()}
     target = best["adamw"]["val_losses"][max_iters]
     for name, sweep_runs in runs.items():
-        edge = " (the best at an end of the sweep: widen it)" if best_rate(sweep_runs, max_iters) in (min(sweep_runs), max(sweep_runs)) else ""
+        edge = " (the best at an end of the sweep: widen it)" if best_rates[name] in (min(sweep_runs), max(sweep_runs)) else ""
         losses = ", ".join(f"{rate:g} -> {run['val_losses'][max_iters]:.4f}" for rate, run in sweep_runs.items())
         print(f"{name} sweep of --{SWEEPS[name][0]} (final val loss): {losses}{edge}")
     print("ms/step, alternating adamw, muon, muon, adamw (the faster of each pair):")
